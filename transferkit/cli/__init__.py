@@ -1,0 +1,38 @@
+"""The `transferkit` command: a thin click layer over the Python API.
+
+Each command module registers itself on :data:`main`; heavy imports (torch, timm, mlflow) happen
+inside the commands so `transferkit --help` stays fast. Every user error is one line and a
+non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .. import __version__
+from ..errors import TransferkitError
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+class TransferkitGroup(click.Group):
+    """Turns :class:`TransferkitError` into ``error: ...`` and its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TransferkitError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=TransferkitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="transferkit")
+def main():
+    """Transfer learning for image folders: finetune a timm backbone, or SVM on its frozen features,
+    every run tracked in MLflow."""
+
+
+from . import backbones, data  # noqa: E402,F401  (command registration)

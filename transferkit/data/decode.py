@@ -1,0 +1,92 @@
+"""Image decoding that survives real user folders.
+
+EXIF orientation is applied, every mode (grayscale, palette, RGBA, CMYK, 16-bit) becomes 8-bit RGB,
+decompression bombs are refused, and large JPEGs are decoded with PIL's draft mode (DCT-domain
+downscale) when the caller only needs a smaller working size.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..errors import TransferkitError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+MAX_PIXELS = 89_478_485  # PIL's own default bomb limit: ~ 9459 x 9459
+
+
+class ImageDecodeError(TransferkitError):
+    """A file that cannot be turned into an RGB image."""
+
+
+def is_image_file(name: str | os.PathLike) -> bool:
+    return str(name).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_image(path: str | os.PathLike, min_short_side: int | None = None) -> np.ndarray:
+    """Decode ``path`` to an ``(H, W, 3)`` uint8 RGB array.
+
+    With ``min_short_side`` a JPEG may be decoded at a reduced DCT scale whose shorter side is still
+    at least that many pixels; the exact final resize is left to the transform.
+    """
+    try:
+        with Image.open(path) as img:
+            _refuse_bombs(img, path)
+            if min_short_side and img.format == "JPEG":
+                img.draft("RGB", _draft_request(img.size, min_short_side))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb_array(img)
+    except ImageDecodeError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"cannot decode image {path}: {exc}") from exc
+
+
+def to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Any PIL mode to 8-bit RGB: 16-bit scaled down, alpha composited on white, CMYK converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).round().astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, read from the header only."""
+    with Image.open(path) as img:
+        width, height = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _refuse_bombs(img: Image.Image, path) -> None:
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        raise ImageDecodeError(
+            f"image {path} is {width}x{height} pixels, above the {MAX_PIXELS:,}-pixel decompression-bomb limit; "
+            "downscale it before training"
+        )
+
+
+def _draft_request(size: tuple[int, int], min_short_side: int) -> tuple[int, int]:
+    """A draft size whose shorter side stays >= min_short_side (draft never goes below the request)."""
+    width, height = size
+    scale = min_short_side / min(width, height)
+    return max(1, int(np.ceil(width * scale))), max(1, int(np.ceil(height * scale)))
