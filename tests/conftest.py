@@ -88,3 +88,117 @@ def runner():
     from click.testing import CliRunner
 
     return CliRunner()
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory, tiny_weights) -> Path:
+    """A model folder holding a `test_efficientnet` classifier trained a few SGD steps on cat/dog (as in tiny_data).
+
+    Built without transferkit.train so evaluate/predict/export/explain tests do not depend on it.
+    """
+    import torch
+
+    from transferkit.backbones import load_backbone
+    from transferkit.bundle import checkpoint_metadata, save_checkpoint
+    from transferkit.data import load_image
+    from transferkit.transforms import build_eval_transform
+
+    torch.manual_seed(0)
+    data = make_dataset(tmp_path_factory.mktemp("classifier_data"), classes=("cat", "dog"), per_class=6)
+    model, data_config = load_backbone(TINY_BACKBONE, weights=tiny_weights, num_classes=2)
+    transform = build_eval_transform(data_config)
+    paths = sorted(data.rglob("*.png"))
+    images = torch.stack([transform(image=load_image(p))["image"] for p in paths])
+    labels = torch.tensor([0 if p.parent.name == "cat" else 1 for p in paths])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    model.eval()  # batch-norm statistics of 12 flat-colour images would not generalise; train the weights only
+    for _ in range(4):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    folder = tmp_path_factory.mktemp("classifier") / "model"
+    folder.mkdir()
+    metadata = checkpoint_metadata(model, kind="classifier", class_names=["cat", "dog"], data_config=data_config)
+    save_checkpoint(folder / "model", model, metadata)
+    return folder
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process, timeout: float = 120.0, log=None) -> None:
+    """Poll ``url`` until it answers 200; fail early (with the log) if ``process`` dies."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text() if log else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {timeout:.0f} s:\n{log.read_text() if log else ''}")
+
+
+def stop_process_tree(process, timeout: float = 20.0) -> None:
+    """Stop a server we started and every process under it, each by its PID (SIGTERM, then SIGKILL)."""
+    import psutil
+
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except Exception:
+        process.kill()
+        process.wait(timeout=timeout)
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        child.kill()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_store_in_tmp(tmp_path_factory):
+    """Runs tracked by any test land in a tmp sqlite store, never in an mlflow.db in the repository."""
+    store = tmp_path_factory.mktemp("mlflow_default") / "mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+        yield
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server, started with `transferkit ui` on a free loopback port over a tmp sqlite store.
+
+    Yields ``SimpleNamespace(url, store_uri, folder, log)``; stopped by PID at teardown.
+    """
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    store_uri = f"sqlite:///{folder / 'mlflow.db'}"
+    log = folder / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "transferkit", "ui", "--port", str(port), "--backend-store-uri", store_uri],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/health", process, log=log)
+        yield SimpleNamespace(url=url, store_uri=store_uri, folder=folder, log=log)
+    finally:
+        stop_process_tree(process)

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_PHOTOS, SHARED_WEIGHTS, TINY_BACKBONE, TINY_IMG, requires_shared_weights
 from safetensors.torch import save_file
 
-from conftest import SHARED_PHOTOS, SHARED_WEIGHTS, TINY_BACKBONE, TINY_IMG, requires_shared_weights
 from transferkit.backbones import backbone_identity, backbone_info, load_backbone
 from transferkit.data import load_image
 from transferkit.errors import TransferkitError

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from conftest import TINY_BACKBONE, TINY_IMG
+
 from transferkit.cli import main
 
 

@@ -7,14 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import CLASS_COLOURS, SHARED_ROADS, make_dataset, make_image, requires_shared_roads
 from PIL import Image
 
-from conftest import CLASS_COLOURS, SHARED_ROADS, make_dataset, make_image, requires_shared_roads
 from transferkit.cli import main
 from transferkit.data import ImageDecodeError, discover, load_image
 from transferkit.data import decode as decode_module
 from transferkit.errors import TransferkitError
-
 
 # -- discovery ---------------------------------------------------------------------------------------------
 

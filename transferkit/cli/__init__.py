@@ -35,4 +35,4 @@ def main():
     every run tracked in MLflow."""
 
 
-from . import backbones, data  # noqa: E402,F401  (command registration)
+from . import augment, backbones, data, features, finetune, ui, use  # noqa: E402,F401  (command registration)

@@ -57,3 +57,20 @@ def info_cmd(name, as_json, **weights):
         click.echo(f"model kwargs  {info['model_kwargs']}")
     for key, value in info["data_config"].items():
         click.echo(f"{key:<13} {value}")
+
+
+@backbones.command("filters")
+@click.argument("name")
+@weights_options
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file for the filter grid.")
+def filters_cmd(name, out, **weights):
+    """The first convolution layer's filters of NAME as an image grid (a quick check that real weights loaded)."""
+    from ..backbones import backbone_identity, load_backbone
+    from ..explain import first_conv_weight
+    from ..plots import filters_png
+
+    model, _ = load_backbone(name, num_classes=0, **weights)
+    weight = first_conv_weight(model)
+    filters_png(weight, out)
+    click.echo(f"wrote {out}: {weight.shape[0]} filters {weight.shape[2]}x{weight.shape[3]} of {name} "
+               f"({backbone_identity(model)['weights']})")

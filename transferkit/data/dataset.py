@@ -3,33 +3,47 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from .cache import DecodedImageCache
 from .decode import load_image
 
 
 class ImageDataset(Dataset):
-    """Decodes ``paths`` and applies an albumentations ``transform``; yields ``(tensor, label)``.
+    """Decodes ``paths`` and applies ``transform``; yields ``(tensor, label)``.
 
-    ``min_short_side`` lets large JPEGs be draft-decoded at no less than the size the transform needs.
+    ``transform`` is an albumentations pipeline (called as ``transform(image=...)["image"]``) or a
+    callable ``transform(image=...)`` returning the tensor itself, such as a TTA transform.
+    ``min_short_side`` lets large JPEGs be draft-decoded at no less than the size the transform needs
+    (:func:`transferkit.transforms.working_short_side`); ``cache`` (:func:`transferkit.data.cache.build_cache`)
+    keeps them decoded at that size for later epochs.
     """
 
     def __init__(self, paths: Sequence, labels: Sequence[int] | None, transform: Callable,
-                 min_short_side: int | None = None):
+                 min_short_side: int | None = None, cache: DecodedImageCache | None = None):
         self.paths = [os.fspath(p) for p in paths]
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
         self.transform = transform
         self.min_short_side = min_short_side
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        image = load_image(self.paths[i], self.min_short_side)
-        return self.transform(image=image)["image"], self.labels[i]
+        path = self.paths[i]
+        image = self.cache.get(path, self.min_short_side) if self.cache is not None else load_image(path, self.min_short_side)
+        out = self.transform(image=image)
+        return (out["image"] if isinstance(out, Mapping) else out), self.labels[i]
+
+    def reseed(self, seed: int) -> None:
+        """Give the augmentation its own random stream (albumentations keeps one per pipeline object)."""
+        set_seed = getattr(self.transform, "set_random_seed", None)
+        if set_seed is not None:
+            set_seed(seed % 2**32)
 
 
 def default_workers() -> int:
@@ -38,18 +52,32 @@ def default_workers() -> int:
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, workers: int | None = None,
                 device: torch.device | str = "cpu", sampler=None, drop_last: bool = False,
-                seed: int | None = None) -> DataLoader:
-    """DataLoader with sensible defaults: workers from CPU count, persistent workers, pinned memory on GPU."""
+                seed: int | None = None, persistent_workers: bool | None = None,
+                pin_memory: bool | None = None) -> DataLoader:
+    """DataLoader with sensible defaults: workers from CPU count, persistent workers, pinned memory on GPU.
+
+    Each worker reseeds the dataset's augmentation from torch's per-worker seed: albumentations
+    pipelines carry their own generator, which forked workers would otherwise all copy and replay.
+    """
     workers = default_workers() if workers is None else workers
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    if workers == 0 and seed is not None and hasattr(dataset, "reseed"):
+        dataset.reseed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=workers,
-        persistent_workers=workers > 0,
-        pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=(workers > 0) if persistent_workers is None else (persistent_workers and workers > 0),
+        pin_memory=(torch.device(device).type == "cuda") if pin_memory is None else pin_memory,
         drop_last=drop_last,
         generator=generator,
+        worker_init_fn=_reseed_worker if workers > 0 else None,
     )
+
+
+def _reseed_worker(worker_id: int) -> None:
+    reseed = getattr(get_worker_info().dataset, "reseed", None)
+    if reseed is not None:
+        reseed(torch.initial_seed())

@@ -1,0 +1,163 @@
+"""MLflow on CPU: what tracking costs a training run, and how fast the logged pyfunc model answers.
+
+A tf_efficientnet_lite0 classifier (real ImageNet backbone from ../shared/weights, fresh 2-class head) is
+saved as a transferkit checkpoint, then, against a local sqlite store in a temp folder:
+
+1. ``start_run`` + end (no system metrics), one per-epoch ``log_metrics`` call (8 metrics), ``log_params``
+   of a 60-key config, ``log_artifact`` of a 100 kB PNG;
+2. ``tracker.log_model`` (stage checkpoint, bundle code, validate the input example) and
+   ``mlflow.pyfunc.load_model``;
+3. images/s over the roads frames: ``load_predictor(...).predict_proba(paths)`` against the pyfunc model fed
+   file bytes, base64 strings and uint8 arrays (the wrapper's overhead: decode + schema checks);
+4. ``mlflow models serve --env-manager local`` on loopback: start-up time and request latency for 1 and
+   16 base64 images (median of --requests).
+
+The machine is shared: timings are the best of --rounds (medians for HTTP requests).
+
+    .venv/bin/python bench/bench_tracking.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+ROADS = SHARED / "data" / "roads"
+WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.safetensors"
+BACKBONE = "tf_efficientnet_lite0"
+
+
+def best_time(fn, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(url: str, payload: dict) -> float:
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=120) as response:
+        json.load(response)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=10)
+    args = parser.parse_args()
+
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from transferkit.backbones import load_backbone
+    from transferkit.bundle import checkpoint_metadata, load_predictor, save_checkpoint
+    from transferkit.data import discover, load_image
+    from transferkit.tracking import start_run
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    paths = [s.path for s in discover(ROADS).samples]
+    model, data_config = load_backbone(BACKBONE, weights=WEIGHTS, num_classes=2)
+    checkpoint = save_checkpoint(tmp / "best", model, checkpoint_metadata(
+        model, kind="classifier", class_names=["paved", "unpaved"], data_config=data_config))
+    config = {f"group{i // 10}": {f"key{i}": i * 0.5} for i in range(60)}
+    png = tmp / "curves.png"
+    png.write_bytes(os.urandom(100_000))
+    print(f"{BACKBONE}, {len(paths)} roads frames, store {uri}, torch threads {__import__('torch').get_num_threads()}")
+
+    def empty_run():
+        with start_run("bench", tracking_uri=uri, experiment="bench", system_metrics=False):
+            pass
+
+    print(f"start_run + end              {best_time(empty_run, args.rounds) * 1000:8.1f} ms")
+    with start_run("bench", tracking_uri=uri, experiment="bench", system_metrics=False) as tracker:
+        epoch = iter(range(10_000))
+        metrics = {k: 0.5 for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr",
+                                    "epoch_seconds", "images_per_s")}
+        print(f"log_metrics (8, one epoch)   {best_time(lambda: tracker.log_metrics(metrics, step=next(epoch)), args.rounds) * 1000:8.1f} ms")
+        counter = iter(range(10_000))
+        print(f"log_params (60 keys)         "
+              f"{best_time(lambda: tracker.log_params({f'r{next(counter)}': config}), args.rounds) * 1000:8.1f} ms")
+        print(f"log_artifact (100 kB PNG)    {best_time(lambda: tracker.log_artifact(png), args.rounds) * 1000:8.1f} ms")
+        start = time.perf_counter()
+        model_uri = tracker.log_model(checkpoint)
+        print(f"log_model ({checkpoint.stat().st_size / 1e6:.1f} MB checkpoint)  {time.perf_counter() - start:8.1f} s")
+
+    mlflow.set_tracking_uri(uri)
+    start = time.perf_counter()
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    print(f"pyfunc.load_model            {time.perf_counter() - start:8.1f} s")
+
+    predictor = load_predictor(checkpoint)
+    raw = [Path(p).read_bytes() for p in paths]
+    inputs = {
+        "bytes": pd.DataFrame({"image": raw}),
+        "base64": pd.DataFrame({"image": [base64.b64encode(b).decode() for b in raw]}),
+        "uint8": pd.DataFrame({"image": [load_image(p) for p in paths]}),
+    }
+    direct = best_time(lambda: predictor.predict_proba([str(p) for p in paths]), args.rounds)
+    print(f"predict_proba(paths)         {len(paths) / direct:8.1f} img/s  (transferkit predictor, no MLflow)")
+    expected = predictor.predict_proba([str(p) for p in paths]).max(1)
+    for name, frame in inputs.items():
+        seconds = best_time(lambda frame=frame: pyfunc.predict(frame), args.rounds)
+        agree = np.allclose(pyfunc.predict(frame)["probability"].to_numpy(), expected, atol=1e-5)
+        print(f"pyfunc.predict({name:<6})       {len(paths) / seconds:8.1f} img/s  (same probabilities: {agree})")
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
+    start = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+                               "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.perf_counter() - start > 300:
+                    raise SystemExit("mlflow models serve did not start") from None
+                time.sleep(0.5)
+        print(f"models serve start-up        {time.perf_counter() - start:8.1f} s")
+        url = f"http://127.0.0.1:{port}/invocations"
+        encoded = inputs["base64"]["image"].tolist()
+        for count in (1, 16):
+            payload = {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded[:count]]}}
+            post(url, payload)  # warm-up
+            median = statistics.median(post(url, payload) for _ in range(args.requests))
+            print(f"POST /invocations {count:>2} image(s) {median * 1000:8.1f} ms median ({count / median:.1f} img/s)")
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

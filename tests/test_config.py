@@ -1,0 +1,91 @@
+"""Training config: defaults < recipe < flags, and every bad key or value named up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transferkit.config import TrainConfig, resolve_config, resume_config
+from transferkit.errors import TransferkitError
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_precedence_defaults_recipe_flags(tmp_path):
+    recipe = write(tmp_path / "r.yaml", {"epochs": 7, "lr": 0.01, "strategy": "full"})
+    config = resolve_config(recipe, {"lr": 0.5, "epochs": None, "batch_size": 4})
+    assert config.epochs == 7  # recipe beats the default (10); a flag left unset (None) does not override
+    assert config.lr == 0.5  # the flag beats the recipe
+    assert config.batch_size == 4  # the flag beats the default
+    assert config.strategy == "full"
+    assert config.optimizer == TrainConfig().optimizer == "adamw"  # untouched default
+
+
+def test_numbers_are_coerced_to_the_field_type(tmp_path):
+    config = resolve_config(write(tmp_path / "r.yaml", {"lr": "3e-4", "epochs": 2.0, "weight_decay": 0}))
+    assert (config.lr, config.epochs, config.weight_decay) == (3e-4, 2, 0.0)
+    assert isinstance(config.weight_decay, float)
+
+
+@pytest.mark.parametrize("recipe, key", [
+    ({"learning_rate": 0.1}, "learning_rate"),
+    ({"epochs": 0}, "epochs"),
+    ({"epochs": 2.5}, "epochs"),
+    ({"lr": "fast"}, "lr"),
+    ({"strategy": "partial:x"}, "strategy"),
+    ({"strategy": "partial:0"}, "strategy"),
+    ({"strategy": "everything"}, "strategy"),
+    ({"optimizer": "rmsprop"}, "optimizer"),
+    ({"label_smoothing": 1.5}, "label_smoothing"),
+    ({"amp": "yes"}, "amp"),
+    ({"aug": "extreme"}, "aug"),
+    ({"strategy": "freeze-unfreeze", "epochs": 2, "freeze_epochs": 2}, "freeze_epochs"),
+    ({"balance": "weights", "mixup": 0.2}, "balance"),
+])
+def test_bad_recipe_keys_and_values_are_named(tmp_path, recipe, key):
+    with pytest.raises(TransferkitError, match=key):
+        resolve_config(write(tmp_path / "r.yaml", recipe))
+
+
+def test_recipe_must_be_a_mapping(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(TransferkitError, match="mapping"):
+        resolve_config(path)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(recipe):
+    config = resolve_config(recipe)
+    assert config.to_dict().keys() == TrainConfig().to_dict().keys()
+
+
+def test_shipped_recipes_exist():
+    assert {"roads-resnet50.yaml", "quick-cpu.yaml", "linear-probe.yaml"} <= {p.name for p in RECIPES}
+
+
+def test_saved_config_round_trips_and_resume_only_overrides_runtime_keys(tmp_path):
+    config = resolve_config(None, {"backbone": "resnet18", "data": "x", "strategy": "partial:2", "grad_clip": 1})
+    config.save(tmp_path / "config.yaml")
+    assert resolve_config(tmp_path / "config.yaml") == config
+    assert resume_config(tmp_path, {"device": "cpu", "workers": 0, "lr": config.lr}).workers == 0
+    with pytest.raises(TransferkitError, match="cannot change lr"):
+        resume_config(tmp_path, {"lr": 0.5})
+
+
+def test_cli_rejects_unknown_recipe_key_before_creating_a_run(runner, tmp_path, tiny_data):
+    from transferkit.cli import main
+
+    recipe = write(tmp_path / "r.yaml", {"epochz": 3})
+    result = runner.invoke(main, ["finetune", "--backbone", "test_efficientnet", "--data", str(tiny_data),
+                                  "--recipe", str(recipe), "--out", str(tmp_path / "runs"), "--no-track"])
+    assert result.exit_code == 2
+    assert "unknown key 'epochz'" in result.output
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,175 @@
+"""`transferkit evaluate` and `predict` end to end on a tiny trained classifier (fixture tiny_classifier)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_dataset
+from PIL import Image
+from sklearn import metrics
+
+from transferkit.cli import main
+from transferkit.errors import TransferkitError
+from transferkit.evaluate import evaluate
+from transferkit.predict import predict
+
+
+def _probabilities(rows, class_names=("cat", "dog")):
+    """Class probabilities back from predict rows (top-k covers both classes here)."""
+    out = np.zeros((len(rows), len(class_names)))
+    for i, row in enumerate(rows):
+        for rank in (1, 2):
+            out[i, class_names.index(row[f"top{rank}_class"])] = row[f"top{rank}_prob"]
+    return out
+
+
+def test_evaluate_cli_numbers_equal_sklearn(runner, tiny_classifier, tiny_data, tmp_path):
+    out = tmp_path / "report"
+    result = runner.invoke(main, ["evaluate", "--model", str(tiny_classifier), "--data", str(tiny_data),
+                                  "--split", "val", "--no-track", "--out", str(out), "--json", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    rows = predict(tiny_classifier, [tiny_data / "val"], topk=2, workers=0)
+    probs = _probabilities(rows)
+    y_true = np.array([0 if "/cat/" in row["path"] else 1 for row in rows])
+    y_pred = probs.argmax(1)
+    assert report["split"] == "val" and report["n"] == 8
+    assert report["accuracy"] == pytest.approx(metrics.accuracy_score(y_true, y_pred))
+    assert report["balanced_accuracy"] == pytest.approx(metrics.balanced_accuracy_score(y_true, y_pred))
+    assert report["macro_f1"] == pytest.approx(metrics.f1_score(y_true, y_pred, average="macro"))
+    assert report["confusion_matrix"] == metrics.confusion_matrix(y_true, y_pred).tolist()
+    assert report["per_class"]["dog"]["support"] == 4
+    assert report["accuracy"] > 0.5  # the tiny model learnt the colours
+    assert sorted(p.name for p in out.iterdir()) == [
+        "confusion_matrix.png", "confusion_matrix_normalized.png", "errors.png", "metrics.json",
+        "predictions.csv", "reliability.png"]
+    for png in out.glob("*.png"):
+        with Image.open(png) as img:
+            assert img.format == "PNG"
+    written = pd.read_csv(out / "predictions.csv")
+    assert len(written) == 8 and set(written.columns) >= {"path", "true", "pred", "prob", "prob_cat", "prob_dog"}
+    assert json.loads((out / "metrics.json").read_text())["macro_f1"] == report["macro_f1"]
+
+
+def test_evaluate_mlflow_model_uri_and_tracking(runner, tiny_classifier, tiny_data, tmp_path, monkeypatch):
+    """A runs:/ model URI evaluates like its folder, and the evaluation is logged as its own MLflow run."""
+    from mlflow import MlflowClient
+
+    from transferkit.tracking import start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    with start_run("finetune", system_metrics=False) as tracker:
+        model_uri = tracker.log_model(tiny_classifier / "model.safetensors")
+    result = runner.invoke(main, ["evaluate", "--model", model_uri, "--data", str(tiny_data), "--split", "val",
+                                  "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "precision" in result.output and "accuracy:" in result.output
+    run_id = result.output.strip().splitlines()[-1].split()[-1]
+    run = MlflowClient(uri).get_run(run_id)
+    local = evaluate(tiny_classifier, tiny_data, split="val", track=False, workers=0)
+    assert run.data.metrics["val_accuracy"] == pytest.approx(local["accuracy"])
+    assert run.data.metrics["val_macro_f1"] == pytest.approx(local["macro_f1"])
+    assert run.data.tags["command"] == "evaluate" and run.data.params["split"] == "val"
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run_id, "val")}
+    assert {"val/confusion_matrix.png", "val/errors.png", "val/reliability.png"} <= artifacts
+
+
+def test_svm_model_evaluates_and_predicts(runner, tiny_weights, tiny_data, tmp_path):
+    from conftest import TINY_BACKBONE
+
+    model = tmp_path / "svm"
+    result = runner.invoke(main, ["svm", "--backbone", TINY_BACKBONE, "--weights", str(tiny_weights), "--data",
+                                  str(tiny_data), "--model", "logistic", "--cv", "2", "--out", str(model),
+                                  "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    report = evaluate(model, tiny_data, split="val", track=False, workers=0)
+    rows = predict(model, [tiny_data / "val"], topk=2, workers=0)
+    y_pred = _probabilities(rows).argmax(1)
+    y_true = np.array([0 if "/cat/" in row["path"] else 1 for row in rows])
+    assert report["accuracy"] == pytest.approx(metrics.accuracy_score(y_true, y_pred))
+    assert report["n"] == 8 and set(report["per_class"]) == {"cat", "dog"}
+
+
+def test_evaluate_whole_folder_skips_unreadable_and_missing_split(tiny_classifier, tmp_path):
+    data = make_dataset(tmp_path / "flat", classes=("dog", "cat"), per_class=3)
+    (data / "cat" / "truncated.png").write_bytes(b"\x89PNG\r\n")
+    result = evaluate(tiny_classifier, data, track=False, workers=0)
+    assert result["split"] == "all" and result["n"] == 6
+    assert [Path(s["path"]).name for s in result["skipped"]] == ["truncated.png"]
+    with pytest.raises(TransferkitError, match="split 'test' not found .* it has: train"):
+        evaluate(tiny_classifier, data, split="test", track=False, workers=0)
+
+
+def test_evaluate_maps_classes_by_name(tiny_classifier, tmp_path):
+    data = make_dataset(tmp_path / "three", classes=("cat", "dog", "fox"), per_class=2)
+    with pytest.raises(TransferkitError, match="classes the model does not know: fox"):
+        evaluate(tiny_classifier, data, track=False, workers=0)
+
+
+def test_evaluate_cli_unknown_split_is_one_line(runner, tiny_classifier, tiny_data):
+    result = runner.invoke(main, ["evaluate", "--model", str(tiny_classifier), "--data", str(tiny_data),
+                                  "--split", "test", "--no-track"])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: split 'test' not found in {tiny_data}; it has: train, val"
+
+
+def test_predict_folder_with_corrupt_file(runner, tiny_classifier, tiny_data, tmp_path):
+    folder = tiny_data / "val"
+    (folder / "cat" / "broken.png").write_bytes(b"not an image at all")
+    for suffix in (".csv", ".json", ".parquet"):
+        out = tmp_path / f"preds{suffix}"
+        result = runner.invoke(main, ["predict", "--model", str(tiny_classifier), str(folder), "--out", str(out),
+                                      "--batch-size", "3", "--workers", "0"])
+        assert result.exit_code == 0, result.output
+        rows = pd.read_json(out) if suffix == ".json" else pd.read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
+        assert len(rows) == 9
+        broken = rows[rows["path"].str.endswith("broken.png")].iloc[0]
+        assert "cannot decode" in broken["error"] and pd.isna(broken["pred"])
+        good = rows[~rows["path"].str.endswith("broken.png")]
+        assert good["error"].fillna("").eq("").all()
+        assert (good["pred"] == good["path"].str.split("/").str[-2]).mean() > 0.5
+        assert np.allclose(good["top1_prob"] + good["top2_prob"], 1.0, atol=1e-5)
+        assert "1 of 9 images could not be read" in result.output
+
+
+def test_predict_prints_table_for_files_and_globs(runner, tiny_classifier, tiny_data):
+    pattern = str(tiny_data / "train" / "dog" / "*.png")
+    result = runner.invoke(main, ["predict", "--model", str(tiny_classifier), str(tiny_data / "val" / "cat" / "cat_0.png"),
+                                  pattern, "--topk", "1", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 9 and "cat_0.png" in lines[0]
+    assert all(len(line.split()) == 3 for line in lines)  # path, class, probability
+
+
+def test_predict_tta_hflip_averages_the_mirror(tiny_classifier, tiny_data):
+    """Across batches, each row is the mean of the model's probabilities on the eval view and its mirror."""
+    from transferkit.bundle import load_predictor
+    from transferkit.data import load_image
+
+    paths = sorted((tiny_data / "val").rglob("*.png"))[:5]
+    tta = _probabilities(predict(tiny_classifier, paths, topk=2, tta="hflip", batch_size=2, workers=0))
+    predictor = load_predictor(tiny_classifier)
+    views = torch.stack([predictor.eval_transform()(image=load_image(p))["image"] for p in paths])
+    expected = (predictor.predict_proba_tensor(views) + predictor.predict_proba_tensor(views.flip(-1))) / 2
+    np.testing.assert_allclose(tta, expected, atol=1e-6)
+    plain = _probabilities(predict(tiny_classifier, paths, topk=2, workers=0))
+    assert np.abs(plain - tta).max() > 1e-6  # the mirror does change the answer, so the check above means something
+
+
+def test_predict_input_errors(tiny_classifier, tmp_path):
+    with pytest.raises(TransferkitError, match="does not exist"):
+        predict(tiny_classifier, [tmp_path / "nope.png"])
+    with pytest.raises(TransferkitError, match="no images found"):
+        predict(tiny_classifier, [str(tmp_path / "*.jpg")])
+    with pytest.raises(TransferkitError, match="unknown format"):
+        predict(tiny_classifier, [tmp_path], out=tmp_path / "p.xlsx")
+    with pytest.raises(TransferkitError, match="unknown --tta"):
+        predict(tiny_classifier, [tmp_path], tta="rotate")

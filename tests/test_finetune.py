@@ -1,0 +1,173 @@
+"""`transferkit finetune` end to end on a tiny generated dataset and the tiny test_efficientnet (64 px)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from transferkit.cli import main
+from transferkit.config import resolve_config
+from transferkit.train import finetune
+from transferkit.train.engine import METRIC_COLUMNS, TIMING_COLUMNS
+
+BACKBONE = "test_efficientnet"
+HEAD = ("classifier.weight", "classifier.bias")
+
+
+def run_cli(runner, tiny_data, tiny_weights, out, *args):
+    return runner.invoke(main, ["finetune", "--backbone", BACKBONE, "--weights", str(tiny_weights), "--data", str(tiny_data),
+                                "--out", str(out), "--no-track", "--workers", "0", "--batch-size", "8", *args])
+
+
+def config_for(tiny_data, tiny_weights, out, **overrides):
+    base = {"backbone": BACKBONE, "weights": str(tiny_weights), "data": str(tiny_data), "out": str(out),
+            "track": False, "workers": 0, "batch_size": 8, "epochs": 1, "lr": 0.01}
+    return resolve_config(None, {**base, **overrides})
+
+
+def read_metrics(run_dir: Path, drop_timing: bool = True) -> list[dict]:
+    with open(run_dir / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    return [{k: v for k, v in row.items() if not (drop_timing and k in TIMING_COLUMNS)} for row in rows]
+
+
+STRATEGY_EPOCHS = {"linear-probe": 1, "full": 1, "freeze-unfreeze": 2, "discriminative": 1, "partial:1": 1}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGY_EPOCHS))
+def test_every_strategy_trains_a_loadable_classifier(runner, tiny_data, tiny_weights, tmp_path, strategy):
+    from transferkit.bundle import load_predictor
+
+    epochs = STRATEGY_EPOCHS[strategy]
+    result = run_cli(runner, tiny_data, tiny_weights, tmp_path / "runs", "--strategy", strategy, "--epochs", str(epochs),
+                     "--name", "r", "--lr", "0.01", "--aug", "light")
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "r"
+    final = result.output.strip().splitlines()[-1]
+    assert final.startswith(f"run {run_dir}: best epoch ") and "val_acc" in final
+    for name in ("config.yaml", "metrics.csv", "split.csv", "curves.png", "best.safetensors", "best.json",
+                 "last.safetensors", "last.json", "resume.pt", "result.json"):
+        assert (run_dir / name).is_file(), name
+    rows = read_metrics(run_dir, drop_timing=False)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1)) and list(rows[0]) == list(METRIC_COLUMNS)
+    assert resolve_config(run_dir / "config.yaml").strategy == strategy
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["class_names"] == ["cat", "dog"] and best["recipe"]["strategy"] == strategy
+    assert len(best["split"]) == 24 and best["data_config"]["input_size"] == [3, 64, 64]
+    # the best checkpoint reproduces its own recorded val accuracy through the public predictor
+    predictor = load_predictor(run_dir)
+    val = sorted((tiny_data / "val").rglob("*.png"))
+    probs = predictor.predict_proba([str(p) for p in val])
+    truth = np.array([predictor.class_names.index(p.parent.name) for p in val])
+    assert (probs.argmax(1) == truth).mean() == pytest.approx(best["metrics"]["val_acc"])
+    check_frozen_parts_unchanged(strategy, tiny_weights, run_dir / "last.safetensors")
+
+
+def check_frozen_parts_unchanged(strategy, initial, trained_path):
+    """Frozen parameters and the running statistics of frozen BatchNorm are bit-identical after training."""
+    import timm
+
+    from transferkit.train.strategies import stage_groups
+
+    before, after = load_file(str(initial)), load_file(str(trained_path))
+    if strategy in ("full", "discriminative"):
+        trainable_modules = [""]  # everything
+    elif strategy == "partial:1":
+        last_stage = stage_groups(timm.create_model(BACKBONE, num_classes=2))[-1]
+        trainable_modules = sorted({name.rsplit(".", 1)[0] + "." for name in last_stage})
+    else:
+        trainable_modules = [] if strategy == "linear-probe" else [""]  # freeze-unfreeze ends with everything
+    frozen = [k for k in before if not any(k.startswith(m) for m in trainable_modules)]
+    moved = [k for k in frozen if not torch.equal(before[k], after[k])]
+    assert moved == []
+    assert "bn1.running_mean" in frozen or strategy not in ("linear-probe", "partial:1")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert bool(changed) == (strategy != "linear-probe")  # the body did train where it should
+    assert not torch.equal(load_file(str(trained_path))["classifier.weight"][:, :1].flatten(),
+                           torch.zeros(2)) and "classifier.weight" not in before  # a new head, trained
+
+
+def test_train_bn_lets_frozen_batchnorm_adapt(tiny_data, tiny_weights, tmp_path):
+    config = config_for(tiny_data, tiny_weights, tmp_path, strategy="linear-probe", aug="light", name="b", train_bn=True)
+    result = finetune(config, progress=False)
+    before, after = load_file(str(tiny_weights)), load_file(str(result.run_dir / "last.safetensors"))
+    assert not torch.equal(before["bn1.running_mean"], after["bn1.running_mean"])
+    assert torch.equal(before["conv_stem.weight"], after["conv_stem.weight"])
+
+
+def test_same_seed_same_metrics(tiny_data, tiny_weights, tmp_path):
+    runs = [finetune(config_for(tiny_data, tiny_weights, tmp_path, strategy="full", aug="light", mixup=0.2,
+                                name=f"s{i}"), progress=False) for i in range(2)]
+    assert read_metrics(runs[0].run_dir) == read_metrics(runs[1].run_dir)
+    other = finetune(config_for(tiny_data, tiny_weights, tmp_path, strategy="full", aug="light", mixup=0.2,
+                                name="s-other", seed=1), progress=False)
+    assert read_metrics(other.run_dir) != read_metrics(runs[0].run_dir)
+
+
+def test_balance_and_plateau_options_run(tiny_data3, tiny_weights, tmp_path):
+    config = config_for(tiny_data3, tiny_weights, tmp_path, strategy="full", balance="sampler", scheduler="plateau",
+                        optimizer="sgd", grad_clip=1.0, accum_steps=2, batch_size=4, name="o", epochs=2)
+    result = finetune(config, progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    weighted = finetune(config_for(tiny_data3, tiny_weights, tmp_path, balance="weights", name="w",
+                                   strategy="linear-probe", aug="none"), progress=False)
+    assert weighted.best["val_loss"] > 0
+
+
+def test_run_folders_are_never_overwritten(tiny_data, tiny_weights, tmp_path, runner):
+    first = finetune(config_for(tiny_data, tiny_weights, tmp_path, strategy="linear-probe", aug="none"), progress=False)
+    second = finetune(config_for(tiny_data, tiny_weights, tmp_path, strategy="linear-probe", aug="none"), progress=False)
+    assert first.run_dir != second.run_dir and first.run_dir.name.startswith(f"{BACKBONE}-linear-probe-")
+    result = run_cli(runner, tiny_data, tiny_weights, tmp_path, "--name", first.run_dir.name, "--strategy", "full")
+    assert result.exit_code == 2 and "already exists" in result.output
+
+
+def _bad_input_cases(tmp_path, tiny_data, tiny_weights):
+    """{case: (extra CLI args, expected message)}; ``--resume`` cases get no other flags."""
+    import shutil
+
+    import timm
+    from conftest import make_dataset
+    from safetensors.torch import save_file
+
+    missing_val = make_dataset(tmp_path / "mv", splits={"train": 4, "val": 2})
+    for image in (missing_val / "val" / "dog").iterdir():
+        image.unlink()  # the class folder stays, empty
+    other_backbone = tmp_path / "other.safetensors"
+    save_file(timm.create_model("resnet10t", num_classes=2).state_dict(), str(other_backbone))
+    data3 = make_dataset(tmp_path / "d3", classes=("cat", "dog", "fox"), per_class=4)
+    three = finetune(config_for(data3, tiny_weights, tmp_path / "prev", strategy="linear-probe", aug="none",
+                                batch_size=4), progress=False)
+    (three.run_dir / "result.json").unlink()  # as if it had been interrupted...
+    shutil.rmtree(data3 / "fox")  # ...and the data changed since
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("a file where --out wants a folder")
+    return {
+        "missing-val": (["--data", str(missing_val)], "classes missing from val: dog"),
+        "batch-too-big": (["--batch-size", "100"], "larger than the 16 training images"),
+        "weights-other-backbone": (["--weights", str(other_backbone)], "do not fit backbone"),
+        "weights-other-classes": (["--weights", str(three.run_dir / "best.safetensors")], "for 3 classes"),
+        "resume-other-classes": (["--resume", str(three.run_dir)], "resume with the same data"),
+        "unwritable-out": (["--out", str(not_a_folder / "runs")], "choose a writable --out"),
+        "bad-strategy": (["--strategy", "partial:-1"], "bad value for strategy"),
+    }
+
+
+def test_bad_inputs_fail_in_one_line_without_a_complete_run(runner, tiny_data, tiny_weights, tmp_path):
+    cases = _bad_input_cases(tmp_path, tiny_data, tiny_weights)
+    for name, (args, message) in cases.items():
+        out = tmp_path / "runs"
+        if args[0] == "--resume":
+            result = runner.invoke(main, ["finetune", *args])
+        else:
+            result = run_cli(runner, tiny_data, tiny_weights, out, "--strategy", "full", "--epochs", "1", *args)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2, (name, result.output)
+        assert lines[-1].startswith("error: ") and message in lines[-1], (name, result.output)
+        assert not list(tmp_path.glob("**/result.json")), name

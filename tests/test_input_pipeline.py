@@ -1,0 +1,180 @@
+"""Fast input pipeline: JPEG draft decode, the decoded-image cache, ImageDataset / make_loader behaviour."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transferkit.augment import build_train_transform
+from transferkit.data.cache import CACHE_MODES, DiskCache, MemoryCache, build_cache, decode_working
+from transferkit.data.dataset import ImageDataset, make_loader
+from transferkit.data.decode import load_image
+from transferkit.errors import TransferkitError
+from transferkit.transforms import build_eval_transform, working_short_side
+
+CONFIG = {"input_size": [3, 64, 64], "interpolation": "bicubic", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
+          "crop_pct": 0.875, "crop_mode": "center"}
+SHORT = working_short_side(CONFIG, "crop")  # 73
+
+
+def _photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Smooth gradients and soft blobs: natural-image statistics, unlike noise, survive a downscale."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.stack([x / width * 200, y / height * 200, (x + y) / (width + height) * 255], axis=-1)
+    for _ in range(6):
+        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(0.05, 0.2) * width
+        blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))[..., None]
+        image = image * (1 - blob) + rng.uniform(0, 255, 3) * blob
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def jpegs(tmp_path):
+    paths = []
+    for i, size in enumerate([(800, 600), (640, 960), (120, 90)]):
+        path = tmp_path / "imgs" / f"img{i}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(_photo_like(*size, seed=i)).save(path, quality=95)
+        paths.append(path)
+    return paths
+
+
+def test_draft_decode_is_close_to_full_decode_then_resize(jpegs):
+    full = load_image(jpegs[0])
+    draft = load_image(jpegs[0], SHORT)
+    assert full.shape == (600, 800, 3)
+    assert draft.shape[0] < full.shape[0] and min(draft.shape[:2]) >= SHORT  # DCT-domain downscale happened
+    transform = build_eval_transform(CONFIG, "crop")
+    a, b = (transform(image=im)["image"] for im in (full, draft))
+    std = torch.tensor(CONFIG["std"]).view(3, 1, 1)
+    pixel_error = ((a - b) * std * 255).abs()  # back in 0..255 units
+    assert pixel_error.mean() < 2.0 and pixel_error.max() < 40
+    assert load_image(jpegs[2], SHORT).shape == (90, 120, 3)  # half of it would be under SHORT: not drafted
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_cache_returns_identical_arrays_and_hits_the_second_time(mode, jpegs, tmp_path):
+    cache = build_cache(mode, folder=tmp_path / "cache")
+    for path in jpegs:
+        expected = decode_working(path, SHORT)
+        assert min(expected.shape[:2]) == min(SHORT, *load_image(path).shape[:2])
+        first, second = cache.get(path, SHORT), cache.get(path, SHORT)
+        assert first.dtype == np.uint8 and np.array_equal(first, expected) and np.array_equal(second, expected)
+    assert (cache.misses, cache.hits) == (3, 3)
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_cache_invalidates_when_a_file_changes(mode, jpegs, tmp_path):
+    cache = build_cache(mode, folder=tmp_path / "cache")
+    path = jpegs[0]
+    before = cache.get(path, SHORT)
+    Image.fromarray(_photo_like(800, 600, seed=42)).save(path, quality=80)
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # even on coarse-mtime file systems
+    after = cache.get(path, SHORT)
+    assert not np.array_equal(before, after)
+    assert np.array_equal(after, decode_working(path, SHORT))
+    assert cache.misses == 2
+
+
+def test_disk_cache_is_shared_across_processes_and_workers(jpegs, tmp_path):
+    folder = tmp_path / "cache"
+    dataset = ImageDataset(jpegs * 2, [0] * 6, build_eval_transform(CONFIG), min_short_side=SHORT,
+                           cache=build_cache("disk", folder=folder))
+    worker_batches = [x for x, _ in make_loader(dataset, 2, workers=2)]
+    fresh = DiskCache(folder)  # a new process would start exactly like this
+    for path in jpegs:
+        fresh.get(path, SHORT)
+    assert (fresh.misses, fresh.hits) == (0, 3)
+    assert len(list(folder.rglob("*.npy"))) == 3 and not list(folder.rglob("*.tmp"))
+    uncached = ImageDataset(jpegs * 2, [0] * 6, build_eval_transform(CONFIG), min_short_side=SHORT)
+    assert torch.equal(torch.cat(worker_batches), torch.stack([uncached[i][0] for i in range(6)]))
+
+
+def test_cached_eval_tensors_equal_uncached_in_crop_mode(jpegs, tmp_path):
+    transform = build_eval_transform(CONFIG, "crop")
+    plain = ImageDataset(jpegs, None, transform, min_short_side=SHORT)
+    cached = ImageDataset(jpegs, None, transform, min_short_side=SHORT, cache=build_cache("memory"))
+    for i in range(len(jpegs)):
+        cached[i]  # fill
+        assert torch.equal(plain[i][0], cached[i][0])
+    assert cached.cache.hits == len(jpegs)
+
+
+def test_memory_cache_is_bounded_and_callers_cannot_corrupt_it(jpegs):
+    one = decode_working(jpegs[0], SHORT).nbytes
+    cache = MemoryCache(max_bytes=int(one * 1.5))
+    image = cache.get(jpegs[0], SHORT)
+    image[:] = 0  # a transform writing in place
+    assert np.array_equal(cache.get(jpegs[0], SHORT), decode_working(jpegs[0], SHORT))
+    cache.get(jpegs[1], SHORT)  # evicts the first (least recently used)
+    assert cache.nbytes <= cache.max_bytes and len(cache._entries) == 1
+    cache.get(jpegs[0], SHORT)
+    assert cache.misses == 3
+
+
+class _BudgetProbe(torch.utils.data.Dataset):
+    def __init__(self, cache):
+        self.cache = cache
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return self.cache.process_budget()
+
+
+def test_memory_budget_is_shared_by_the_loader_workers():
+    cache = MemoryCache(max_bytes=1000)
+    assert cache.process_budget() == 1000
+    assert [int(b) for b in make_loader(_BudgetProbe(cache), 1, workers=2)] == [500, 500]
+
+
+def test_disk_cache_recovers_from_a_damaged_entry(jpegs, tmp_path):
+    cache = DiskCache(tmp_path / "cache")
+    expected = cache.get(jpegs[0], SHORT)
+    (entry,) = (tmp_path / "cache").rglob("*.npy")
+    entry.write_bytes(b"not an array")
+    assert np.array_equal(DiskCache(tmp_path / "cache").get(jpegs[0], SHORT), expected)
+
+
+def test_build_cache_validates_its_arguments(tmp_path):
+    assert CACHE_MODES == ("none", "memory", "disk")
+    assert build_cache("none") is None
+    with pytest.raises(TransferkitError, match="--cache 'ram'"):
+        build_cache("ram")
+    with pytest.raises(TransferkitError, match="interpolation"):
+        build_cache("memory", interpolation="fancy")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(TransferkitError, match="cannot create"):
+        build_cache("disk", folder=blocker / "cache")
+
+
+def test_workers_draw_different_augmentations_reproducibly(tmp_path):
+    path = tmp_path / "one.png"
+    Image.fromarray(_photo_like(96, 80)).save(path)
+    dataset = ImageDataset([path] * 4, [0] * 4, build_train_transform(CONFIG, "heavy"))
+
+    def run():
+        return [x for x, _ in make_loader(dataset, 1, workers=2, seed=3)]
+
+    first = run()
+    assert not torch.equal(first[0], first[1])  # worker 0 and worker 1 do not replay one random stream
+    assert all(torch.equal(a, b) for a, b in zip(first, run()))
+
+
+def test_make_loader_defaults_and_overrides(jpegs):
+    dataset = ImageDataset(jpegs, [0, 1, 0], build_eval_transform(CONFIG))
+    loader = make_loader(dataset, 2, workers=0)
+    assert not loader.persistent_workers and not loader.pin_memory
+    assert make_loader(dataset, 2, workers=1).persistent_workers
+    assert not make_loader(dataset, 2, workers=1, persistent_workers=False).persistent_workers
+    assert make_loader(dataset, 2, workers=0, pin_memory=True).pin_memory
+    images, labels = next(iter(loader))
+    assert images.shape == (2, 3, 64, 64) and labels.tolist() == [0, 1]

@@ -1,0 +1,62 @@
+"""--resume: an interrupted run continues from its last committed epoch and ends with the same history."""
+
+from __future__ import annotations
+
+import pytest
+from test_finetune import config_for, read_metrics  # noqa: I001  (tests folder on sys.path via rootdir)
+
+from transferkit.cli import main
+from transferkit.train import engine, finetune
+from transferkit.train.checkpoint import COMPLETE_FILE
+
+
+class Crash(KeyboardInterrupt):
+    """Stands in for kill -9: raised after an epoch's training, before anything of it is written."""
+
+
+def crash_in_epoch(monkeypatch, crash_epoch: int) -> None:
+    real = engine._Run._train_epoch
+
+    def train_then_die(self, epoch, phase):
+        result = real(self, epoch, phase)  # the model and optimizer have moved on in memory...
+        if epoch == crash_epoch:
+            raise Crash  # ...and are lost, as in a kill before the commit
+        return result
+
+    monkeypatch.setattr(engine._Run, "_train_epoch", train_then_die)
+
+
+def recipe(tiny_data, tiny_weights, out, name):
+    # freeze-unfreeze crosses a phase boundary; mixup and augmentation consume random numbers every epoch
+    return config_for(tiny_data, tiny_weights, out, strategy="freeze-unfreeze", epochs=3, freeze_epochs=1,
+                      aug="light", mixup=0.4, name=name, warmup_epochs=1)
+
+
+@pytest.mark.parametrize("crash_epoch", [1, 2], ids=["at-phase-change", "within-phase"])
+def test_interrupted_run_resumes_to_the_same_history(runner, tiny_data, tiny_weights, tmp_path, monkeypatch, crash_epoch):
+    reference = finetune(recipe(tiny_data, tiny_weights, tmp_path, "uninterrupted"), progress=False)
+
+    with monkeypatch.context() as patch:
+        crash_in_epoch(patch, crash_epoch)
+        with pytest.raises(Crash):
+            finetune(recipe(tiny_data, tiny_weights, tmp_path, "interrupted"), progress=False)
+    run_dir = tmp_path / "interrupted"
+    assert not (run_dir / COMPLETE_FILE).exists()  # an unfinished run does not look complete
+    assert len(read_metrics(run_dir)) == crash_epoch  # only committed epochs are on disk
+
+    result = runner.invoke(main, ["finetune", "--resume", str(run_dir), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert (run_dir / COMPLETE_FILE).exists()
+    assert read_metrics(run_dir) == read_metrics(reference.run_dir)
+    assert result.output.strip().splitlines()[-1].startswith(f"run {run_dir}: best epoch")
+
+
+def test_resume_refuses_complete_runs_and_changed_settings(runner, tiny_data, tiny_weights, tmp_path):
+    done = finetune(config_for(tiny_data, tiny_weights, tmp_path, strategy="linear-probe", aug="none"), progress=False)
+    result = runner.invoke(main, ["finetune", "--resume", str(done.run_dir)])
+    assert result.exit_code == 2 and "already complete" in result.output
+    (done.run_dir / COMPLETE_FILE).unlink()
+    result = runner.invoke(main, ["finetune", "--resume", str(done.run_dir), "--lr", "0.5"])
+    assert result.exit_code == 2 and "cannot change lr" in result.output
+    result = runner.invoke(main, ["finetune", "--resume", str(tmp_path)])
+    assert result.exit_code == 2 and "config.yaml" in result.output

@@ -1,0 +1,55 @@
+"""`transferkit augment preview`: look at a training augmentation before spending hours on it."""
+
+from __future__ import annotations
+
+import click
+
+from . import main
+from .options import weights_options
+
+AUG_PRESETS = ("none", "light", "medium", "heavy")  # = augment.AUG_PRESETS (augment imports torch)
+RESIZE_MODES = ("crop", "squash", "letterbox")  # = transforms.RESIZE_MODES (transforms imports cv2)
+
+
+@main.group()
+def augment():
+    """Training augmentation pipelines (presets: none, light, medium, heavy; or an albumentations YAML)."""
+
+
+@augment.command("preview")
+@click.option("--data", required=True, type=click.Path(), help="Image folder (class folders or train/val/test) or labels CSV.")
+@click.option("--aug", default="light", show_default=True,
+              help=f"Preset ({', '.join(AUG_PRESETS)}) or an albumentations YAML file (A.save(..., data_format='yaml')).")
+@click.option("-n", "count", type=click.IntRange(min=1, max=256), default=16, show_default=True, help="Samples in the grid.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which images and which random draws.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option("--backbone", default="tf_efficientnet_lite0", show_default=True,
+              help="Its input size, interpolation and mean/std define the tail of the pipeline.")
+@weights_options
+@click.option("--img-size", type=click.IntRange(min=16), default=None, help="Override the backbone's input size.")
+@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default="crop", show_default=True)
+def preview_cmd(data, aug, count, seed, out, backbone, weights, weights_config, pretrained, img_size, resize_mode):
+    """Write a grid of augmented training samples, captioned with their class, to --out."""
+    from ..augment import preview_grid
+    from ..backbones import load_backbone
+
+    # Only the data config matters here, so no pretrained download: a weights file still states its own config.
+    _, data_config = load_backbone(
+        backbone, weights=weights, pretrained=False, weights_config=weights_config,
+        data_overrides={"img_size": img_size} if img_size else None,
+    )
+    path = preview_grid(data, aug, data_config, n=count, seed=seed, out=out, resize_mode=resize_mode)
+    size = "x".join(str(v) for v in data_config["input_size"][1:])
+    click.echo(f"wrote {path} ({count} samples, aug {aug}, {size} {resize_mode}, mean {data_config['mean']})")
+
+
+@augment.command("show")
+@click.argument("aug")
+def show_cmd(aug):
+    """Print the YAML of a preset (or check a file): copy it as the start of your own --aug file."""
+    from ..augment import load_augmentation, preset_path
+
+    load_augmentation(aug)  # a file that does not load fails here, with the reason
+    path = preset_path(aug)
+    click.echo(f"# {path}")
+    click.echo(path.read_text().rstrip())

@@ -1,0 +1,118 @@
+"""`transferkit extract` (frozen features to parquet/npz) and `transferkit svm` (a classical head on them)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from ..errors import TransferkitError
+from ..features import DTYPES, POOLS, SPLIT_CHOICES, TTA_MODES  # light: numpy only
+from . import main
+from .options import weights_options
+
+HEAD_MODELS = ("linear-svm", "rbf-svm", "logistic")  # = heads.HEAD_MODELS (heads imports torch)
+RESIZE_MODES = ("crop", "squash", "letterbox")  # = transforms.RESIZE_MODES (transforms imports cv2)
+
+
+def extraction_options(func):
+    """How images become vectors; shared by `extract` and the `svm --backbone --data` shortcut."""
+
+    @click.option("--backbone", help="timm backbone name, e.g. tf_efficientnet_lite0.")
+    @click.option("--data", type=click.Path(), help="Image folder (class folders or train/val/test) or labels CSV.")
+    @weights_options
+    @click.option("--pool", type=click.Choice(POOLS), default="avg", show_default=True,
+                  help="Global pooling of the last feature map; token = a ViT's class token.")
+    @click.option("--layer", default=None, help="Pool an intermediate stage instead (timm feature_info name, e.g. blocks.4).")
+    @click.option("--tta", type=click.Choice(TTA_MODES), default="none", show_default=True,
+                  help="hflip: average the vectors of each image and its mirror.")
+    @click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default="crop", show_default=True)
+    @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+    @click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers [default: CPUs-1, max 8].")
+    @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+    @click.option("--val-ratio", type=float, default=0.2, show_default=True,
+                  help="Share of train carved out as val when the data has no val split.")
+    @click.option("--seed", type=int, default=0, show_default=True, help="Seed of that val split.")
+    @click.option("--force", is_flag=True, help="Recompute even if an up-to-date output exists.")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+@main.command("extract")
+@extraction_options
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file: .parquet or .npz.")
+@click.option("--split", type=click.Choice(SPLIT_CHOICES), default="all", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+def extract_cmd(backbone, data, out, **options):
+    """Write one feature vector per image (with path, label, split) for a frozen backbone.
+
+    Under `torchrun --nproc-per-node N -m transferkit extract ...` the images are shared across the
+    processes and rank 0 writes one file, the same as a single-process run.
+    """
+    import time
+
+    from .. import distributed
+    from ..features import extract_features, read_metadata
+
+    _require(backbone=backbone, data=data)
+    started = time.perf_counter()
+    path = extract_features(backbone, data, out, **options)
+    if distributed.is_main():
+        metadata = read_metadata(path)
+        click.echo(f"{metadata['rows']} images x {metadata['feature_dim']} features ({metadata['pool']}) -> {path} "
+                   f"[{time.perf_counter() - started:.1f}s]")
+
+
+@main.command("svm")
+@click.option("--features", type=click.Path(dir_okay=False), help="Features file from `transferkit extract`.")
+@extraction_options
+@click.option("--model", "head_model", type=click.Choice(HEAD_MODELS), default="logistic", show_default=True,
+              help="linear-svm / rbf-svm get Platt-scaled probabilities; logistic its own.")
+@click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Stratified folds for the grid search on train (capped by the smallest class).")
+@click.option("--grid", default=None, help="Search space, e.g. 'C=0.01,0.1,1' or 'C=1,10;gamma=scale,0.01'.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Model folder [default: runs/svm-<backbone>-<model>].")
+def svm_cmd(features, backbone, data, head_model, cv, grid, out, **options):
+    """Fit an SVM / logistic head on frozen features and save it as a model for predict/evaluate.
+
+    Either --features FILE, or --backbone NAME --data PATH (extracts into the model folder, then fits).
+    """
+    from ..features import extract_features, read_metadata
+    from ..heads import fit_head
+
+    if features and (backbone or data):
+        raise TransferkitError("pass either --features FILE or --backbone/--data, not both")
+    if not features:
+        _require(backbone=backbone, data=data)
+    name = backbone or read_metadata(features)["backbone"]
+    out = Path(out or f"runs/svm-{name}-{head_model}")
+    weights = options["weights"]
+    if not features:
+        features = extract_features(backbone, data, out / "features.parquet", **options)
+    result = fit_head(features, head_model, cv=cv, grid=grid, out=out, weights=weights, seed=options["seed"])
+    _print_result(result)
+
+
+def _require(**values) -> None:
+    missing = [f"--{name}" for name, value in values.items() if not value]
+    if missing:
+        raise TransferkitError(f"missing {' and '.join(missing)}")
+
+
+def _print_result(result) -> None:
+    params = ", ".join(f"{k}={v}" for k, v in result.best_params.items())
+    click.echo(f"{result.model}: {params} (cv accuracy {result.cv_accuracy:.3f}, {result.cv_folds} folds)")
+    for split, scores in result.metrics.items():
+        click.echo(f"{split:<5} accuracy {scores['accuracy']:.3f}  balanced {scores['balanced_accuracy']:.3f}  "
+                   f"macro-F1 {scores['macro_f1']:.3f}  (n={scores['n']})")
+        width = max(len(name) for name in scores["per_class"]) + 2
+        for name, row in scores["per_class"].items():
+            click.echo(f"  {name:<{width}} precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
+                       f"f1 {row['f1']:.3f}  n={row['support']}")
+        click.echo(f"  confusion (rows true): {scores['confusion_matrix']}")
+    click.echo(f"model -> {result.out}")

@@ -1,0 +1,52 @@
+"""`transferkit ui`: the MLflow dashboard on the local tracking store, for reviewing and comparing runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+
+import click
+
+from ..errors import TransferkitError
+from . import main
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@main.command("ui")
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but loopback exposes an unauthenticated server to the network.")
+@click.option("--backend-store-uri", default=None, metavar="URI",
+              help="Tracking store to show [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here].")
+def ui(port, host, backend_store_uri):
+    """Start the MLflow UI on the tracking store and print its URL (Ctrl-C stops it)."""
+    from ..tracking import dashboard_command
+
+    command, env = dashboard_command(backend_store_uri, host=host, port=port)
+    _check_port_free(host, port)
+    if host not in LOOPBACK:
+        click.echo(f"warning: binding {host}: anyone who can reach this machine can read and delete runs", err=True)
+    url = f"http://{'localhost' if host == '::1' else host}:{port}"
+    click.echo(f"MLflow UI for {command[command.index('--backend-store-uri') + 1]} at {url}  (Ctrl-C to stop)")
+    # Own process group, so Ctrl-C or a SIGTERM to this command stops mlflow and its uvicorn workers together.
+    server = subprocess.Popen(command, env=env, start_new_session=True)
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(server.pid, signal.SIGTERM))
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:
+        os.killpg(server.pid, signal.SIGTERM)
+        code = server.wait()
+    if code not in (0, -signal.SIGINT, -signal.SIGTERM):
+        raise TransferkitError(f"mlflow server exited with code {code}; see its output above", exit_code=1)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise TransferkitError(f"cannot listen on {host}:{port} ({exc.strerror}); pass another --port") from exc

@@ -1,0 +1,150 @@
+"""Using a trained model: `evaluate`, `predict`, `export`, `explain`.
+
+Every command takes ``--model`` as a run folder, model folder, checkpoint file or MLflow model URI;
+the model carries its own preprocessing, so there are no preprocessing flags here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import click
+
+from . import main
+
+TTA_HELP = "Test-time augmentation, probabilities averaged over the views: none, hflip, five-crop, ten-crop."
+
+
+def model_option(func):
+    return click.option("--model", "model_spec", required=True, metavar="RUN_DIR|MODEL_DIR|runs:/ID/model",
+                        help="A run folder, model folder, checkpoint file or MLflow model URI.")(func)
+
+
+def inference_options(func):
+    """--tta / --batch-size / --device / --workers, shared by evaluate and predict."""
+
+    @click.option("--tta", default="none", show_default=True, help=TTA_HELP)
+    @click.option("--batch-size", default=32, show_default=True, type=int)
+    @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+    @click.option("--workers", default=None, type=int, help="Image decoding workers (default: CPU count - 1, at most 8).")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+@main.command()
+@model_option
+@click.option("--data", required=True, type=click.Path(exists=True), help="Labelled images: split folders, class folders or a CSV.")
+@click.option("--split", default=None,
+              help="Split to evaluate (train, val, test). Default: test, or the whole dataset if it has a single split.")
+@inference_options
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for metrics.json, predictions.csv, confusion matrices, reliability diagram, error gallery.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full metrics as JSON.")
+@click.option("--track/--no-track", default=True, show_default=True, help="Log the evaluation to MLflow.")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
+@click.option("--experiment", default=None, help="MLflow experiment name.")
+def evaluate(model_spec, data, split, tta, batch_size, device, workers, out, as_json, track, tracking_uri, experiment):
+    """Accuracy, balanced accuracy, macro-F1, top-k, per-class report, confusion matrix, calibration (ECE)
+    and the most confident errors of a trained model on labelled data."""
+    from ..evaluate import evaluate as run_evaluate
+    from ..tracking import per_class_table
+
+    result = run_evaluate(model_spec, data, split=split, tta=tta, batch_size=batch_size, out=out, device=device,
+                          track=track, tracking_uri=tracking_uri, experiment=experiment, workers=workers)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"split {result['split']} of {result['data']}: {result['n']} images, tta {result['tta']}\n")
+    click.echo(per_class_table(result).rstrip())
+    if result["skipped"]:
+        click.echo(f"\nskipped {len(result['skipped'])} unreadable images, e.g. {result['skipped'][0]['error']}", err=True)
+    if out:
+        click.echo(f"\nreport written to {out}")
+    if result.get("mlflow_run_id"):
+        click.echo(f"MLflow run {result['mlflow_run_id']}")
+
+
+@main.command()
+@model_option
+@click.argument("inputs", nargs=-1, required=True, metavar="PATH...")
+@click.option("--topk", default=3, show_default=True, type=int, help="Classes (with probabilities) per image.")
+@inference_options
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the rows to .csv, .json or .parquet instead of printing a table.")
+def predict(model_spec, inputs, topk, tta, batch_size, device, workers, out):
+    """Predict the class of images: files, folders (searched recursively) and quoted glob patterns.
+
+    Unreadable files get a row with an error instead of stopping the run."""
+    from ..predict import predict as run_predict
+
+    rows = run_predict(model_spec, inputs, topk=topk, tta=tta, batch_size=batch_size, out=out, device=device,
+                       workers=workers)
+    failed = sum(1 for row in rows if row["error"])
+    if out:
+        click.echo(f"wrote {len(rows)} predictions to {out}")
+    else:
+        _print_predictions(rows)
+    if failed:
+        click.echo(f"{failed} of {len(rows)} images could not be read (see the error column)", err=True)
+
+
+@main.command()
+@model_option
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Output file (default: beside the checkpoint, <name>.onnx / <name>.torchscript.pt).")
+@click.option("--dynamic-batch", is_flag=True, help="Accept any batch size (default: batch of 1).")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--check-data", "check_data", multiple=True, type=click.Path(exists=True),
+              help="Images (files/folders) for the parity check against torch; default: generated images. Repeatable.")
+def export(model_spec, fmt, out, dynamic_batch, opset, check_data):
+    """Export a finetuned classifier to ONNX or TorchScript, plus a JSON with class names and preprocessing;
+    fails unless the export reproduces torch's logits within 1e-3."""
+    from ..export import export as run_export
+    from ..export import sidecar_path
+
+    path = run_export(model_spec, format=fmt, out=out, dynamic_batch=dynamic_batch, opset=opset,
+                      check_images=list(check_data) or None)
+    info = json.loads(sidecar_path(path).read_text())
+    parity = info["parity"]
+    runtime = "onnxruntime" if fmt == "onnx" else "torch.jit"
+    click.echo(f"parity check ({runtime} vs torch, {parity['images']} {parity['source']}): "
+               f"max |logit difference| {parity['max_abs_diff']:.2e} <= {parity['tolerance']:g}  ok")
+    click.echo(f"wrote {path} and {sidecar_path(path).name} (class names, preprocessing)")
+
+
+@main.command()
+@model_option
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the overlay PNGs.")
+@click.option("--method", type=click.Choice(["gradcam", "gradcam++", "scorecam"]), default="gradcam", show_default=True)
+@click.option("--target-layer", default=None, help="Dotted module name (e.g. layer4.1); default: chosen per model family.")
+@click.option("--class", "class_name", default=None, help="Explain this class instead of each image's prediction.")
+@click.option("--device", default="auto", show_default=True)
+def explain(model_spec, images, out, method, target_layer, class_name, device):
+    """Class-activation overlays: where in each image the model finds evidence for its prediction."""
+    from ..explain import explain as run_explain
+
+    written = run_explain(model_spec, images, out, method=method, target_layer=target_layer, class_name=class_name,
+                          device=device)
+    click.echo(f"wrote {len(written)} overlays to {Path(out)}")
+
+
+def _print_predictions(rows) -> None:
+    width = min(max(len(row["path"]) for row in rows), 60)
+    for row in rows:
+        path = row["path"] if len(row["path"]) <= width else "..." + row["path"][-(width - 3):]
+        if row["error"]:
+            click.echo(f"{path:<{width}}  error: {row['error']}")
+            continue
+        ranked = []
+        rank = 1
+        while f"top{rank}_class" in row:
+            ranked.append(f"{row[f'top{rank}_class']} {row[f'top{rank}_prob']:.3f}")
+            rank += 1
+        click.echo(f"{path:<{width}}  {'   '.join(ranked)}")

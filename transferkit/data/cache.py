@@ -1,0 +1,165 @@
+"""Decoded-image cache: each image is decoded once at the working resolution and reused every later epoch.
+
+The working resolution is the ``min_short_side`` the dataset asks for (use
+:func:`transferkit.transforms.working_short_side`): the image is draft-decoded, then brought down to
+exactly that shorter side with the backbone's interpolation and the same resize step the eval
+transform starts with. In ``--resize-mode crop`` (square input) the eval transform's own resize is
+then a no-op, so cached and uncached eval tensors are byte-for-byte equal; in squash/letterbox the
+extra downscale changes pixels slightly, so keep validation uncached there if exact parity matters.
+
+Entries are keyed by the file's content digest (recomputed only when its size / mtime / inode
+change) plus the working size and interpolation, so an edited file is never served stale.
+
+- ``memory``: an LRU bounded by bytes, private to each process. ``max_bytes`` is the budget of the
+  whole DataLoader: each of its N worker processes keeps at most ``max_bytes / N``. Persistent
+  workers keep their part between epochs; with ``shuffle`` a sample may land on another worker, so
+  later epochs warm up gradually. Prefer ``disk`` for shuffled multi-worker training.
+- ``disk``: one ``.npy`` per image under a cache folder, written atomically; shared by all worker
+  processes and later runs through the OS page cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import psutil
+from torch.utils.data import get_worker_info
+
+from ..errors import TransferkitError
+from ..fileio import atomic_path, ensure_writable_dir
+from ..transforms import interpolation_flag
+from .decode import load_image
+
+CACHE_MODES = ("none", "memory", "disk")
+DEFAULT_MAX_BYTES = min(4 << 30, psutil.virtual_memory().total // 4)  # memory cache, all workers together
+
+
+def default_cache_folder() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "transferkit" / "decoded"
+
+
+def build_cache(mode: str, folder: str | os.PathLike | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+                interpolation: str = "bicubic") -> DecodedImageCache | None:
+    """``--cache none|memory|disk`` → a cache for :class:`ImageDataset` (None for 'none').
+
+    ``interpolation`` should be the backbone's (``data_config['interpolation']``).
+    """
+    if mode not in CACHE_MODES:
+        raise TransferkitError(f"unknown --cache {mode!r}; use one of {', '.join(CACHE_MODES)}")
+    interpolation_flag(interpolation)  # validates the name
+    if mode == "memory":
+        if max_bytes <= 0:
+            raise TransferkitError(f"memory cache max_bytes must be positive, got {max_bytes}")
+        return MemoryCache(max_bytes, interpolation)
+    if mode == "disk":
+        return DiskCache(folder or default_cache_folder(), interpolation)
+    return None
+
+
+def decode_working(path: str | os.PathLike, short_side: int | None, interpolation: str = "bicubic") -> np.ndarray:
+    """Draft-decode ``path`` and shrink it to exactly ``short_side`` (never enlarge)."""
+    image = load_image(path, short_side)
+    if short_side and min(image.shape[:2]) > short_side:
+        resize = A.SmallestMaxSize(max_size=short_side, interpolation=interpolation_flag(interpolation))
+        image = resize(image=image)["image"]
+    return np.ascontiguousarray(image)
+
+
+class DecodedImageCache:
+    """``get(path, short_side)`` returns the working-resolution image, decoding it on a miss."""
+
+    def __init__(self, interpolation: str = "bicubic"):
+        self.interpolation = interpolation
+        self._digests: dict[str, tuple[tuple, str]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, path: str | os.PathLike, short_side: int | None) -> np.ndarray:
+        key = self.key(path, short_side)
+        image = self._read(key)
+        if image is None:
+            self.misses += 1
+            image = decode_working(path, short_side, self.interpolation)
+            self._write(key, image)
+        else:
+            self.hits += 1
+        return image
+
+    def key(self, path: str | os.PathLike, short_side: int | None) -> str:
+        """Content digest + working size + interpolation; the digest is redone only when the file's stat changes."""
+        path = os.fspath(path)
+        st = os.stat(path)
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        known = self._digests.get(path)
+        if known is None or known[0] != stamp:
+            with open(path, "rb") as fh:
+                known = (stamp, hashlib.blake2b(fh.read(), digest_size=16).hexdigest())
+            self._digests[path] = known
+        return f"{known[1]}-{short_side or 0}-{self.interpolation}"
+
+    def _read(self, key: str) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def _write(self, key: str, image: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+class MemoryCache(DecodedImageCache):
+    """Least-recently-used arrays, this process's share of ``max_bytes`` (split evenly over DataLoader workers)."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, interpolation: str = "bicubic"):
+        super().__init__(interpolation)
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def _read(self, key):
+        image = self._entries.get(key)
+        if image is None:
+            return None
+        self._entries.move_to_end(key)
+        return image.copy()  # callers may transform in place; the cached pixels must not change
+
+    def process_budget(self) -> int:
+        worker = get_worker_info()
+        return self.max_bytes // worker.num_workers if worker is not None else self.max_bytes
+
+    def _write(self, key, image):
+        budget = self.process_budget()
+        if image.nbytes > budget:
+            return
+        self._entries[key] = image.copy()
+        self.nbytes += image.nbytes
+        while self.nbytes > budget:
+            _, evicted = self._entries.popitem(last=False)
+            self.nbytes -= evicted.nbytes
+
+
+class DiskCache(DecodedImageCache):
+    """``<folder>/<ab>/<key>.npy``, written atomically so concurrent workers never read half a file."""
+
+    def __init__(self, folder: str | os.PathLike, interpolation: str = "bicubic"):
+        super().__init__(interpolation)
+        self.folder = ensure_writable_dir(Path(folder).expanduser())
+
+    def _entry(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.npy"
+
+    def _read(self, key):
+        entry = self._entry(key)
+        try:
+            return np.load(entry, allow_pickle=False)
+        except (OSError, ValueError):  # absent, or unreadable: decode again and overwrite it
+            return None
+
+    def _write(self, key, image):
+        entry = self._entry(key)
+        entry.parent.mkdir(exist_ok=True)
+        with atomic_path(entry) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, image, allow_pickle=False)

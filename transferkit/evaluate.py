@@ -1,0 +1,136 @@
+"""Evaluate a saved model on a labelled split: metrics, confusion matrices, calibration, worst errors.
+
+The dataset's class names are matched to the model's by name, so a test folder may hold a subset of the
+classes (or list them in another order); a class the model does not know is an error. Files that fail
+to decode are skipped and listed. Results go to ``out`` (a folder) and, with tracking on, to MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import TransferkitError
+from .fileio import ensure_writable_dir, write_json
+
+GALLERY_SIZE = 16
+
+
+def evaluate(model_spec, data, split: str | None = None, tta: str = "none", batch_size: int = 32,
+             out: str | os.PathLike | None = None, device: str = "auto", *, track: bool = True,
+             tracking_uri: str | None = None, experiment: str | None = None, topk: Sequence[int] = (1, 3),
+             workers: int | None = None) -> dict:
+    """Metrics of ``model_spec`` on ``split`` of ``data`` (see :func:`transferkit.evaluation.classification_metrics`).
+
+    ``split=None`` means ``test`` when the data has split folders, or the whole dataset when it has a single
+    split (a plain folder of class folders). Files written to ``out``: ``metrics.json``, ``predictions.csv``,
+    ``confusion_matrix.png``, ``confusion_matrix_normalized.png``, ``reliability.png``, ``errors.png``.
+    """
+    from .bundle import load_predictor
+    from .data import discover
+    from .predict import check_tta, predict_paths
+    from .runtime import select_device
+
+    check_tta(tta)
+    index = discover(data, val_ratio=0, strict=False)
+    split, samples = _select_split(index, split)
+    predictor = load_predictor(model_spec, select_device(device))
+    y_true = _model_labels(index, samples, predictor.class_names)
+    paths = [s.path for s in samples]
+    probs, errors = predict_paths(predictor, paths, tta=tta, batch_size=batch_size, workers=workers)
+    ok = np.array([not e for e in errors])
+    if not ok.any():
+        raise TransferkitError(f"none of the {len(paths)} images in split {split} could be decoded (e.g. {errors[0]})")
+
+    from .evaluation import classification_metrics
+
+    result = {
+        "model": str(model_spec),
+        "data": str(data),
+        "split": split,
+        "tta": tta,
+        **classification_metrics(y_true[ok], probs[ok], predictor.class_names, topk=topk),
+        "skipped": [{"path": str(p), "error": e} for p, e in zip(paths, errors) if e],
+    }
+    with _output_folder(out, track) as folder:
+        if folder is not None:
+            write_report(folder, result, [p for p, good in zip(paths, ok) if good], y_true[ok], probs[ok],
+                         predictor.class_names)
+        _track(result, folder, predictor, index, track=track, tracking_uri=tracking_uri, experiment=experiment)
+    return result
+
+
+def write_report(folder: Path, result: dict, paths: Sequence, y_true: np.ndarray, probs: np.ndarray,
+                 class_names: Sequence[str]) -> None:
+    """metrics.json, predictions.csv and the four figures of an evaluation."""
+    from . import plots
+    from .evaluation import worst_errors
+    from .predict import write_rows
+
+    write_json(folder / "metrics.json", result)
+    y_pred = probs.argmax(axis=1)
+    write_rows([{"path": str(p), "true": class_names[t], "pred": class_names[y], "prob": float(row[y]),
+                 "correct": bool(t == y), **{f"prob_{name}": float(v) for name, v in zip(class_names, row)}}
+                for p, t, y, row in zip(paths, y_true, y_pred, probs)], folder / "predictions.csv")
+    plots.confusion_matrix_png(result["confusion_matrix"], class_names, folder / "confusion_matrix.png", normalize=False)
+    plots.confusion_matrix_png(result["confusion_matrix"], class_names, folder / "confusion_matrix_normalized.png")
+    plots.reliability_png(y_true, probs, folder / "reliability.png")
+    plots.error_gallery_png(worst_errors(paths, y_true, probs, GALLERY_SIZE), folder / "errors.png", class_names)
+
+
+def _select_split(index, split: str | None):
+    if split is None:
+        if "test" in index.splits:
+            return "test", index.split("test")
+        if len(index.splits) == 1:
+            return "all", list(index.samples)
+        raise TransferkitError(f"{index.root} has no test split; pass --split one of: {', '.join(index.splits)}")
+    if split not in index.splits:
+        raise TransferkitError(f"split {split!r} not found in {index.root}; it has: {', '.join(index.splits)}")
+    return split, index.split(split)
+
+
+def _model_labels(index, samples, class_names: Sequence[str]) -> np.ndarray:
+    """Dataset labels re-expressed as the model's class indices, matched by class name."""
+    model_index = {name: i for i, name in enumerate(class_names)}
+    present = sorted({index.classes[s.label] for s in samples})
+    unknown = [name for name in present if name not in model_index]
+    if unknown:
+        raise TransferkitError(
+            f"the data has classes the model does not know: {', '.join(unknown)}; model classes: {', '.join(class_names)}"
+        )
+    return np.array([model_index[index.classes[s.label]] for s in samples], dtype=np.int64)
+
+
+@contextlib.contextmanager
+def _output_folder(out, track: bool) -> Iterator[Path | None]:
+    """``out`` if given; a temporary folder when only MLflow will keep the files; else None."""
+    if out is not None:
+        yield ensure_writable_dir(out)
+    elif track:
+        with tempfile.TemporaryDirectory(prefix="transferkit-eval-") as tmp:
+            yield Path(tmp)
+    else:
+        yield None
+
+
+def _track(result: dict, folder: Path | None, predictor, index, *, track: bool, tracking_uri, experiment) -> None:
+    if not track:
+        return
+    from .tracking import start_run
+
+    meta = predictor.metadata
+    params = {
+        "model": result["model"], "backbone": meta.get("backbone"), "kind": meta.get("kind"),
+        "data": result["data"], "data_fingerprint": index.fingerprint(), "split": result["split"],
+        "tta": result["tta"], "n_images": result["n"], "n_skipped": len(result["skipped"]),
+    }
+    with start_run("evaluate", tracking_uri=tracking_uri, experiment=experiment,
+                   params=params, system_metrics=False) as tracker:
+        tracker.log_evaluation(result, prefix=result["split"], artifacts_dir=folder)
+        result["mlflow_run_id"] = tracker.run_id

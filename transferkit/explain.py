@@ -1,0 +1,153 @@
+"""What the model looks at: class-activation maps (grad-cam package) and first-layer filters.
+
+The CAM target layer is the last spatial feature map, chosen per timm family (ResNet ``layer4[-1]``,
+EfficientNet/MobileNetV2 ``bn2``, ConvNeXt ``stages[-1]``, ViT ``blocks[-1].norm1`` with its tokens
+reshaped to a grid) and otherwise the last entry of timm's own ``feature_info``. ``target_layer``
+overrides it with a dotted module name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import TransferkitError
+from .fileio import ensure_writable_dir
+
+CAM_METHODS = ("gradcam", "gradcam++", "scorecam")
+
+
+def explain(model_spec, images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, method: str = "gradcam",
+            target_layer: str | None = None, class_name: str | None = None, device: str = "auto") -> list[Path]:
+    """One overlay PNG per image in ``out_dir`` named ``<image stem>.<predicted class>.<method>.png``.
+
+    The map explains ``class_name`` when given, else each image's predicted class.
+    """
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from .bundle import ClassifierPredictor, load_predictor
+    from .data import load_image
+    from .plots import cam_overlay_png
+    from .predict import expand_inputs
+    from .runtime import select_device
+    from .transforms import eval_resize
+
+    if method not in CAM_METHODS:
+        raise TransferkitError(f"unknown CAM method {method!r}; use one of {', '.join(CAM_METHODS)}")
+    paths = expand_inputs(images)
+    predictor = load_predictor(model_spec, select_device(device))
+    if not isinstance(predictor, ClassifierPredictor):
+        raise TransferkitError(
+            f"explain needs a finetuned classifier (gradients through its head); this model is kind "
+            f"{predictor.metadata.get('kind')!r} with a scikit-learn head"
+        )
+    if class_name is not None and class_name not in predictor.class_names:
+        raise TransferkitError(f"unknown class {class_name!r}; the model's classes are {', '.join(predictor.class_names)}")
+    model = predictor.model
+    layer_name, reshape = default_target_layer(model) if target_layer is None else (target_layer, None)
+    layer = _submodule(model, layer_name)
+    if reshape is None and target_layer is not None and _is_token_model(model):
+        reshape = _token_grid_reshape(model)
+    resize = _compose(eval_resize(predictor.data_config, predictor.resize_mode))
+    transform = predictor.eval_transform()
+    out_dir = ensure_writable_dir(out_dir)
+    names = _unique_stems(paths)
+    written = []
+    with _cam_class(method)(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+        for path, stem in zip(paths, names):
+            image = load_image(path)
+            view = resize(image=image)["image"]
+            batch = transform(image=image)["image"].unsqueeze(0).to(predictor.device)
+            targets = None if class_name is None else [ClassifierOutputTarget(predictor.class_names.index(class_name))]
+            heatmap = cam(input_tensor=batch, targets=targets)[0]
+            probs = cam.outputs.detach().float().softmax(-1)[0].cpu().numpy()  # the CAM's own forward pass
+            pred = int(probs.argmax())
+            target = pred if class_name is None else predictor.class_names.index(class_name)
+            title = (f"predicted {predictor.class_names[pred]} ({probs[pred]:.2f}); "
+                     f"{method} for {predictor.class_names[target]} at {layer_name}")
+            out = out_dir / f"{stem}.{_safe(predictor.class_names[pred])}.{_safe(method)}.png"
+            written.append(cam_overlay_png(view, heatmap, out, title))
+    return written
+
+
+def default_target_layer(model: torch.nn.Module) -> tuple[str, Callable | None]:
+    """(dotted module name, reshape_transform or None) of the layer whose activations a CAM should use."""
+    if _is_token_model(model):
+        return f"blocks.{len(model.blocks) - 1}.norm1", _token_grid_reshape(model)
+    kind = type(model).__name__
+    if kind == "ResNet":
+        return f"layer4.{len(model.layer4) - 1}", None
+    if kind == "EfficientNet":  # also MobileNetV2/MnasNet in timm; bn2 is the last map before pooling
+        return "bn2", None
+    if kind == "ConvNeXt":
+        return f"stages.{len(model.stages) - 1}", None
+    feature_info = getattr(model, "feature_info", None)
+    if feature_info:
+        return feature_info[-1]["module"], None
+    raise TransferkitError(f"no default CAM layer for {kind}; pass --target-layer NAME (a module name from model.named_modules())")
+
+
+def first_conv_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The first convolution's weight ``[out, in, kh, kw]``, located by timm's ``pretrained_cfg['first_conv']``."""
+    name = model.pretrained_cfg.get("first_conv")
+    if not name:
+        raise TransferkitError(f"{type(model).__name__} does not name its first convolution in timm's pretrained config")
+    weight = getattr(_submodule(model, name), "weight", None)
+    if weight is None or weight.dim() != 4:
+        raise TransferkitError(f"first_conv {name} of {type(model).__name__} is not a 2-d convolution")
+    return weight.detach()
+
+
+def _cam_class(method: str):
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
+
+    return {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM}[method]
+
+
+def _is_token_model(model: torch.nn.Module) -> bool:
+    """ViT-style: transformer blocks over patch tokens (timm's VisionTransformer, DeiT, ...)."""
+    return hasattr(model, "patch_embed") and hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")
+
+
+def _token_grid_reshape(model: torch.nn.Module) -> Callable:
+    """Tokens ``[B, prefix + h*w, C]`` → ``[B, C, h, w]`` so CAM methods can treat them as a feature map."""
+    prefix = int(model.num_prefix_tokens)
+    height, width = model.patch_embed.grid_size
+
+    def reshape(tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 3:  # an overriding --target-layer may already be a [B, C, h, w] map (patch_embed.proj)
+            return tokens
+        grid = tokens[:, prefix:, :].reshape(tokens.size(0), height, width, tokens.size(2))
+        return grid.permute(0, 3, 1, 2)
+
+    return reshape
+
+
+def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        candidates = [n for n, _ in model.named_children()]
+        raise TransferkitError(
+            f"model has no module {name!r}; use a dotted name from model.named_modules(), e.g. {', '.join(candidates[-4:])}"
+        ) from None
+
+
+def _compose(steps):
+    import albumentations as A
+
+    return A.Compose(steps)
+
+
+def _unique_stems(paths: Sequence[Path]) -> list[str]:
+    """Image stems, prefixed with a counter where two inputs share one, so no overlay overwrites another."""
+    stems = [p.stem for p in paths]
+    return [f"{i:04d}_{s}" if stems.count(s) > 1 else s for i, s in enumerate(stems)]
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^\w.+-]+", "_", text)

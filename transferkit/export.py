@@ -1,0 +1,182 @@
+"""Export a finetuned classifier to ONNX or TorchScript, checked against torch on real images.
+
+The exported graph takes the normalized ``[N, 3, H, W]`` float tensor and returns logits; everything
+needed to produce that tensor (data config, resize mode) and to read the logits (class names) goes into
+a JSON beside the model (``<out>.json``). The file is only put in place when the exported model
+reproduces torch's logits within :data:`PARITY_TOLERANCE` on the check images.
+
+ONNX uses torch's ``torch.export``-based exporter (``dynamo=True``, the default since torch 2.9).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import TransferkitError
+from .fileio import atomic_path, sha256_file, write_json
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+PARITY_TOLERANCE = 1e-3
+GENERATED_CHECK_IMAGES = 4
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = None, dynamic_batch: bool = False,
+           opset: int | None = None, check_images: Sequence[str | os.PathLike] | None = None) -> Path:
+    """Write the model to ``out`` (default: beside the checkpoint) plus ``<out>.json``; return ``out``.
+
+    ``check_images`` (files, folders or globs) are the parity images; without them a few generated
+    images are used. Parity (max |logit difference|) is recorded in the JSON under ``parity``.
+    """
+    from .backbones import read_checkpoint_metadata
+    from .bundle import find_checkpoint, load_predictor
+
+    if format not in FORMATS:
+        raise TransferkitError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
+    if opset is not None and format != "onnx":
+        raise TransferkitError("--opset applies to --format onnx only")
+    checkpoint = find_checkpoint(model_spec)
+    kind = read_checkpoint_metadata(checkpoint).get("kind")
+    if kind != "classifier":
+        raise TransferkitError(
+            f"only finetuned classifiers can be exported; {checkpoint} is kind {kind!r}, whose head is a "
+            "scikit-learn model with no ONNX/TorchScript form here (exporting the backbone alone is out of scope); "
+            "use `transferkit predict` or the MLflow model for it"
+        )
+    predictor = load_predictor(checkpoint, "cpu")
+    out = Path(out) if out is not None else _default_out(model_spec, checkpoint, format)
+    model = predictor.model.float().eval()
+    batch = check_batch(predictor, check_images)
+    with torch.inference_mode():
+        expected = model(batch).numpy()
+    with atomic_path(out) as tmp:
+        if format == "onnx":
+            _export_onnx(model, batch[:1], tmp, dynamic_batch, opset)
+            actual = _run_onnx(tmp, batch, dynamic_batch)
+        else:
+            _export_torchscript(model, batch[:1], tmp)
+            actual = _run_torchscript(tmp, batch, dynamic_batch)
+        parity = {"images": len(batch), "source": "check images" if check_images else "generated images",
+                  "max_abs_diff": float(np.abs(expected - actual).max()), "tolerance": PARITY_TOLERANCE}
+        if not parity["max_abs_diff"] <= PARITY_TOLERANCE:
+            raise TransferkitError(
+                f"{format} export does not match torch: max |logit difference| {parity['max_abs_diff']:.2e} "
+                f"> {PARITY_TOLERANCE:g} on {len(batch)} images; nothing written"
+            )
+        # the JSON first, the model last: a model file present always has its JSON beside it
+        write_json(sidecar_path(out), {
+            "format": format,
+            "file": out.name,
+            "sha256": sha256_file(tmp),
+            "input": {"name": INPUT_NAME, "shape": ["batch" if dynamic_batch else 1, *predictor.data_config["input_size"]],
+                      "dtype": "float32", "layout": "NCHW, RGB, normalized with data_config mean/std"},
+            "output": {"name": OUTPUT_NAME, "meaning": "logits; softmax gives class probabilities"},
+            "class_names": predictor.class_names,
+            "data_config": predictor.data_config,
+            "resize_mode": predictor.resize_mode,
+            "preprocessing": preprocessing_steps(predictor.data_config, predictor.resize_mode),
+            "backbone": predictor.metadata.get("backbone"),
+            "source_checkpoint_sha256": sha256_file(checkpoint),
+            "exporter": f"torch {torch.__version__} " + ("torch.onnx.export(dynamo=True)" if format == "onnx" else "torch.jit.trace"),
+            "opset": _onnx_opset(tmp) if format == "onnx" else None,
+            "dynamic_batch": dynamic_batch,
+            "parity": parity,
+        })
+    return out
+
+
+def sidecar_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".json")
+
+
+def preprocessing_steps(data_config, resize_mode: str) -> list[str]:
+    """The eval transform in words, for runtimes that re-implement it."""
+    from .transforms import eval_resize, normalize_to_tensor
+
+    return [type(step).__name__ + _step_args(step)
+            for step in (*eval_resize(data_config, resize_mode), *normalize_to_tensor(data_config))]
+
+
+def check_batch(predictor, check_images: Sequence | None) -> torch.Tensor:
+    """The model's eval transform applied to the check images, or to generated ones (noise, gradients)."""
+    from .data import load_image
+    from .predict import expand_inputs
+
+    transform = predictor.eval_transform()
+    if check_images:
+        images = [load_image(p) for p in expand_inputs(check_images)[:16]]
+    else:
+        rng = np.random.default_rng(0)
+        ramp = np.linspace(0, 255, 320, dtype=np.float32)
+        images = [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8),
+                  np.stack([np.tile(ramp, (240, 1))] * 3, axis=-1).astype(np.uint8)]
+        images += [rng.integers(0, 256, (200 + 40 * i, 180, 3), dtype=np.uint8) for i in range(GENERATED_CHECK_IMAGES - 2)]
+    return torch.stack([transform(image=image)["image"] for image in images]).float()
+
+
+def _export_onnx(model, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int | None) -> None:
+    kwargs = {"opset_version": opset} if opset is not None else {}
+    if dynamic_batch:
+        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
+        example = example.expand(2, *example.shape[1:])  # a batch of 1 would be specialised to a constant
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress steps
+            program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamo=True, external_data=False, verbose=False, **kwargs)
+        program.save(str(path))
+    except Exception as exc:  # exporter failures come in many types; all mean "this model does not export"
+        raise TransferkitError(f"ONNX export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
+
+
+def _run_onnx(path: Path, batch: torch.Tensor, dynamic_batch: bool) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    chunks = [batch] if dynamic_batch else list(batch.split(1))
+    return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: c.numpy()})[0] for c in chunks])
+
+
+def _export_torchscript(model, example: torch.Tensor, path: Path) -> None:
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; tracing still works
+        traced = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(traced, str(path))
+
+
+def _run_torchscript(path: Path, batch: torch.Tensor, dynamic_batch: bool) -> np.ndarray:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = torch.jit.load(str(path), map_location="cpu")
+    chunks = [batch] if dynamic_batch else list(batch.split(1))
+    with torch.inference_mode():
+        return np.concatenate([loaded(c).numpy() for c in chunks])
+
+
+def _onnx_opset(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _default_out(model_spec, checkpoint: Path, format: str) -> Path:
+    """Beside a local checkpoint; in the working folder for an MLflow URI (its download folder is a cache)."""
+    folder = Path.cwd() if "://" in str(model_spec) or str(model_spec).startswith(("runs:/", "models:/")) else checkpoint.parent
+    return folder / (checkpoint.stem + FORMATS[format])
+
+
+def _step_args(step) -> str:
+    args = {k: v for k, v in step.get_transform_init_args().items() if k not in ("p", "always_apply")}
+    return "(" + ", ".join(f"{k}={v}" for k, v in args.items()) + ")"

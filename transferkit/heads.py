@@ -1,0 +1,288 @@
+"""Classical heads on frozen features: SVM / logistic regression, chosen by cross-validation, saved as a model.
+
+The head is a scikit-learn ``Pipeline(StandardScaler, estimator)``; its hyper-parameters come from a
+stratified ``GridSearchCV`` on the train split only, and it is scored on val/test with
+:func:`transferkit.evaluation.classification_metrics`. Probabilities: ``logistic`` uses its own
+``predict_proba``; ``linear-svm`` (LinearSVC) and ``rbf-svm`` (SVC) are wrapped, after the search, in
+``CalibratedClassifierCV(method='sigmoid', ensemble=False)`` (Platt scaling) — what scikit-learn 1.9
+recommends instead of the deprecated ``SVC(probability=True)`` — so predictions are the argmax of
+calibrated probabilities.
+
+A saved SVM model is a folder: ``model.safetensors``/``model.json`` (the frozen backbone, kind ``svm``,
+with pooling and data config in its metadata) and ``head.skops``. The head is stored with skops, never
+pickle, and loaded with an explicit list of trusted types: a file holding anything else is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bundle import Predictor, checkpoint_metadata, save_checkpoint
+from .errors import TransferkitError
+from .features import (
+    FeatureTable,
+    build_feature_model,
+    check_same_features,
+    embed,
+    feature_identity,
+    read_features,
+    resolve_layer,
+)
+from .fileio import atomic_path, ensure_writable_dir, write_json
+
+HEAD_MODELS = ("linear-svm", "rbf-svm", "logistic")
+DEFAULT_GRIDS = {
+    "linear-svm": {"C": [0.01, 0.1, 1.0]},
+    "rbf-svm": {"C": [0.1, 1.0, 10.0], "gamma": ["scale"]},
+    "logistic": {"C": [0.01, 0.1, 1.0, 10.0]},
+}
+HEAD_FILE = "head.skops"
+MODEL_STEM = "model"
+EVAL_SPLITS = ("val", "test")
+CALIBRATION_FOLDS = 5
+# Everything a head pipeline is made of; skops refuses to load a file holding any other type.
+TRUSTED_TYPES = [
+    "sklearn.pipeline.Pipeline",
+    "sklearn.preprocessing._data.StandardScaler",
+    "sklearn.svm._classes.LinearSVC",
+    "sklearn.svm._classes.SVC",
+    "sklearn.linear_model._logistic.LogisticRegression",
+    "sklearn.calibration.CalibratedClassifierCV",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.model_selection._split.StratifiedKFold",
+]
+
+
+@dataclass
+class HeadResult:
+    """A fitted head: the pipeline, what the search chose, and its scores per evaluated split."""
+
+    model: str
+    pipeline: object
+    best_params: dict
+    cv_folds: int
+    cv_accuracy: float
+    metrics: dict = field(default_factory=dict)
+    out: Path | None = None
+
+
+def parse_grid(text: str | None, model: str) -> dict[str, list]:
+    """``"C=0.01,0.1,1;gamma=scale,0.01"`` → ``{"C": [0.01, 0.1, 1.0], "gamma": ["scale", 0.01]}``."""
+    if not text:
+        return dict(DEFAULT_GRIDS[model])
+    allowed = set(make_estimator(model).get_params())
+    grid = {}
+    for part in filter(None, (p.strip() for p in text.replace(" ", "").split(";"))):
+        name, _, values = part.partition("=")
+        if not values or name not in allowed:
+            raise TransferkitError(
+                f"bad grid entry {part!r} for {model}; write NAME=v1,v2[;NAME=...] with NAME one of {', '.join(sorted(allowed))}"
+            )
+        grid[name] = [_number_or_text(v) for v in values.split(",") if v]
+    return grid
+
+
+def make_estimator(model: str, **params):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import SVC, LinearSVC
+
+    if model not in HEAD_MODELS:
+        raise TransferkitError(f"unknown head model {model!r}; use one of {', '.join(HEAD_MODELS)}")
+    if model == "linear-svm":
+        return LinearSVC(max_iter=20000, **params)
+    if model == "rbf-svm":
+        return SVC(kernel="rbf", **params)
+    return LogisticRegression(max_iter=5000, **params)
+
+
+def fit_head(features, model: str = "logistic", *, cv: int = 5, grid: str | Mapping | None = None,
+             out: str | os.PathLike | None = None, weights=None, seed: int = 0) -> HeadResult:
+    """Fit a head on the train rows of ``features`` (a features file, or ``(FeatureTable, metadata)``).
+
+    With ``out`` the model folder is written; the backbone comes from ``weights`` or the file the features
+    were extracted from, and must be the same weights (checked by hash).
+    """
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    table, metadata = read_features(features) if isinstance(features, (str, os.PathLike)) else features
+    grid = parse_grid(grid, model) if not isinstance(grid, Mapping) else dict(grid)
+    if int(cv) < 2:
+        raise TransferkitError(f"--cv must be at least 2, got {cv}")
+    class_names = metadata["class_names"]
+    train = table.subset("train")
+    smallest = _smallest_class_count(train, class_names)
+    folds = int(min(cv, smallest))
+    search = GridSearchCV(
+        Pipeline([("scale", StandardScaler()), ("clf", make_estimator(model))]),
+        {f"clf__{name}": values for name, values in grid.items()},
+        cv=StratifiedKFold(folds, shuffle=True, random_state=seed), scoring="accuracy", refit=False,
+    )
+    search.fit(train.vectors, train.label_index)
+    best = {name.removeprefix("clf__"): value for name, value in search.best_params_.items()}
+    pipeline = _final_pipeline(model, best, smallest).fit(train.vectors, train.label_index)
+    result = HeadResult(model, pipeline, best, folds, float(search.best_score_))
+    for split in EVAL_SPLITS:
+        rows = table.subset(split)
+        if len(rows):
+            result.metrics[split] = _metrics(pipeline, rows, class_names)
+    if out is not None:
+        result.out = save_head_model(out, result, metadata, weights=weights)
+    return result
+
+
+def _smallest_class_count(train: FeatureTable, class_names) -> int:
+    """Caps the folds; a clear error where cross-validation is impossible."""
+    if not len(train):
+        raise TransferkitError("the features have no train rows; extract with --split all (or train)")
+    counts = np.bincount(train.label_index, minlength=len(class_names))
+    present = [name for name, n in zip(class_names, counts) if n]
+    if len(present) < 2:
+        raise TransferkitError(
+            f"the train split holds a single class ({', '.join(present)}); a classifier needs at least 2"
+        )
+    smallest = min(counts[counts > 0])
+    if smallest < 2:
+        rare = [name for name, n in zip(class_names, counts) if n == 1]
+        raise TransferkitError(
+            f"class {rare[0]!r} has 1 train image; cross-validation needs at least 2 per class — add images"
+        )
+    return int(smallest)
+
+
+def _final_pipeline(model: str, best: Mapping, smallest_class: int):
+    """The searched pipeline with the best parameters; SVMs gain Platt-scaled probabilities."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    estimator = make_estimator(model, **best)
+    if model != "logistic":
+        folds = min(CALIBRATION_FOLDS, smallest_class)
+        estimator = CalibratedClassifierCV(estimator, method="sigmoid", cv=folds, ensemble=False)
+    return Pipeline([("scale", StandardScaler()), ("clf", estimator)])
+
+
+def head_probabilities(pipeline, vectors: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[N, num_classes]`` probabilities, columns in class-index order even if training lacked a class."""
+    probs = np.zeros((len(vectors), num_classes), dtype=np.float64)
+    probs[:, pipeline.classes_] = pipeline.predict_proba(vectors)
+    return probs
+
+
+def _metrics(pipeline, rows: FeatureTable, class_names) -> dict:
+    from .evaluation import classification_metrics
+
+    return classification_metrics(rows.label_index, head_probabilities(pipeline, rows.vectors, len(class_names)),
+                                  class_names)
+
+
+def save_head_model(out, result: HeadResult, feature_metadata: Mapping, *, weights=None) -> Path:
+    """Write the model folder (backbone checkpoint + ``head.skops`` + ``metrics.json``); returns the folder."""
+    import skops.io
+
+    from .backbones import backbone_identity
+
+    out = ensure_writable_dir(out)
+    weights = weights or feature_metadata.get("weights_file")
+    model, data_config = build_feature_model(
+        feature_metadata["backbone"], weights=weights, data_overrides=feature_metadata["data_config"],
+        **feature_metadata["model_kwargs"],
+    )
+    found = backbone_identity(model)["weights"]
+    if found != feature_metadata["weights"]:
+        raise TransferkitError(
+            f"the features were extracted with weights {feature_metadata['weights']}, but the backbone loaded from "
+            f"{weights or 'the hub'} is {found}; pass the same --weights as for extract"
+        )
+    with atomic_path(out / HEAD_FILE) as tmp:
+        skops.io.dump(result.pipeline, tmp)
+    summary = {"head_model": result.model, "head_params": result.best_params, "cv_folds": result.cv_folds,
+               "cv_accuracy": result.cv_accuracy}
+    split_scores = {split: {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}
+                    for split, m in result.metrics.items()}
+    write_json(out / "metrics.json", {**summary, "metrics": result.metrics})
+    _confusion_pngs(out, result.metrics, feature_metadata["class_names"])
+    metadata = checkpoint_metadata(
+        model, kind="svm", class_names=feature_metadata["class_names"], data_config=data_config,
+        resize_mode=feature_metadata["resize_mode"], pool=feature_metadata["pool"], layer=feature_metadata["layer"],
+        tta=feature_metadata["tta"], feature_dim=feature_metadata["feature_dim"], head_file=HEAD_FILE,
+        head_metrics=split_scores, features=feature_identity(feature_metadata),
+        dataset_fingerprint=feature_metadata["dataset"]["fingerprint"], **summary,
+    )
+    save_checkpoint(out / MODEL_STEM, model, metadata)  # last: its presence marks a complete folder
+    return out
+
+
+def _confusion_pngs(out: Path, metrics: Mapping, class_names) -> None:
+    from .plots import confusion_matrix_png
+
+    for split, scores in metrics.items():
+        confusion_matrix_png(scores["confusion_matrix"], class_names, out / f"confusion_{split}.png")
+
+
+def load_head(path: str | os.PathLike):
+    """A head pipeline saved by transferkit; any type outside :data:`TRUSTED_TYPES` is refused."""
+    import skops.io
+
+    try:
+        return skops.io.load(path, trusted=TRUSTED_TYPES)
+    except skops.io.exceptions.UntrustedTypesFoundException as exc:
+        raise TransferkitError(f"{path} holds types transferkit does not trust ({exc}); refusing to load it") from exc
+    except (OSError, ValueError, KeyError) as exc:
+        raise TransferkitError(f"cannot read SVM head {path}: {exc}") from exc
+
+
+class SVMPredictor(Predictor):
+    """Images → frozen backbone → pooled vector → scikit-learn head."""
+
+    def __init__(self, model: torch.nn.Module, head, metadata: Mapping, device: torch.device):
+        from .runtime import prepare_model
+
+        super().__init__(metadata, device)
+        self.model = prepare_model(model, device).eval()
+        self.head = head
+        self.layer_index = resolve_layer(self.model, metadata.get("layer"))
+
+    @torch.inference_mode()
+    def predict_proba_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        from .runtime import autocast, to_device
+
+        with autocast(self.device):
+            vectors = embed(self.model, to_device(batch, self.device), pool=self.metadata["pool"],
+                            layer=self.layer_index, tta=self.metadata.get("tta", "none"))
+        return head_probabilities(self.head, vectors.float().cpu().numpy(), len(self.class_names))
+
+    def predict_proba_features(self, features) -> np.ndarray:
+        """Probabilities for the rows of a features file; refused if another model made the vectors."""
+        is_file = isinstance(features, (str, os.PathLike))
+        table, metadata = read_features(features) if is_file else features
+        check_same_features(self.metadata["features"], metadata, str(features) if is_file else "the features")
+        return head_probabilities(self.head, table.vectors, len(self.class_names))
+
+
+def load_svm_predictor(path: Path, metadata: Mapping, device: torch.device) -> SVMPredictor:
+    """bundle.load_predictor's loader for kind ``svm``."""
+    head_path = Path(path).with_name(metadata["head_file"])
+    if not head_path.is_file():
+        raise TransferkitError(f"SVM model {path} lacks its head {head_path.name}; copy the whole model folder")
+    model, _ = build_feature_model(metadata["backbone"], weights=path, data_overrides=metadata["data_config"],
+                                   **metadata.get("model_kwargs", {}))
+    return SVMPredictor(model, load_head(head_path), metadata, device)
+
+
+def _number_or_text(value: str):
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value

@@ -1,0 +1,169 @@
+"""The MLflow model: images in, class / probability / top-k out, preprocessing inside.
+
+Logged with MLflow's *models from code*: this file itself is the model's code (MLflow runs it at
+load time and it calls ``set_model``), so nothing is pickled. The weights travel as the transferkit
+safetensors checkpoint (plus its JSON, and the sklearn head of an SVM model) in the model's
+``artifacts/model/`` folder, and the transferkit package is bundled with ``code_paths`` so the model
+loads with the same preprocessing code it was trained with. Loading goes through
+:func:`transferkit.bundle.load_predictor`, which handles every model kind.
+
+Inputs accepted by ``predict``: a DataFrame with an ``image`` column (or ``{"image": [...]}``) of
+encoded image bytes, base64 strings (``data:`` URLs too) or uint8 arrays (HxWx3, HxW or HxWx4).
+Served models receive base64 in JSON (``dataframe_split`` / ``instances``), which MLflow decodes
+to bytes because the signature declares the column binary.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array
+from PIL import Image
+
+from transferkit.data.decode import ImageDecodeError, load_image, to_rgb_array
+from transferkit.errors import TransferkitError
+from transferkit.fileio import write_json
+
+INPUT_COLUMN = "image"
+OUTPUT_COLUMNS = ("class", "probability", "top_classes", "top_probabilities")
+DEFAULT_TOP_K = 5
+MODEL_ARTIFACT = "model"  # name of the logged model and of its checkpoint folder under artifacts/
+_BASE64_TEXT = re.compile(rb"(data:[\w/+.-]*;base64,)?[A-Za-z0-9+/=\s]+")
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class TransferkitImageModel(mlflow.pyfunc.PythonModel):
+    """Stateless until ``load_context``; the predictor comes from the logged checkpoint."""
+
+    def load_context(self, context):
+        from transferkit.bundle import load_predictor
+
+        self.predictor = load_predictor(context.artifacts[MODEL_ARTIFACT])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        top_k = int((params or {}).get("top_k") or DEFAULT_TOP_K)
+        images = [decode_image(value) for value in image_values(model_input)]
+        return predictions_frame(self.predictor.predict_proba(images), self.predictor.class_names, top_k)
+
+
+def image_values(model_input: pd.DataFrame) -> list:
+    """The ``image`` column (MLflow has already turned lists/dicts into a DataFrame per the signature)."""
+    return list(model_input[INPUT_COLUMN])
+
+
+def decode_image(value) -> np.ndarray:
+    """One input value → HxWx3 uint8 RGB, with the same decoder training used."""
+    if isinstance(value, np.ndarray):
+        if value.dtype != np.uint8 or value.ndim not in (2, 3) or (value.ndim == 3 and value.shape[2] not in (1, 3, 4)):
+            raise TransferkitError(f"image array must be uint8 HxW, HxWx3 or HxWx4, got {value.dtype} {value.shape}")
+        return to_rgb_array(Image.fromarray(value[..., 0] if value.ndim == 3 and value.shape[2] == 1 else value))
+    if isinstance(value, str):
+        value = value.encode("ascii", errors="replace")
+    if not isinstance(value, (bytes, bytearray)):
+        raise TransferkitError(f"unsupported image value of type {type(value).__name__}; send bytes, base64 or a uint8 array")
+    value = bytes(value)
+    if _BASE64_TEXT.fullmatch(value):  # base64 that reached us undecoded (``instances`` payloads, plain strings)
+        value = base64.b64decode(value.split(b",", 1)[-1])
+    try:
+        return load_image(io.BytesIO(value))
+    except ImageDecodeError as exc:
+        raise TransferkitError(f"cannot decode image ({len(value)} bytes): {exc.__cause__}") from exc
+
+
+def predictions_frame(probs: np.ndarray, class_names, top_k: int = DEFAULT_TOP_K) -> pd.DataFrame:
+    """Probabilities → one row per image: best class, its probability, and the top-k lists."""
+    k = max(1, min(int(top_k), len(class_names)))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return pd.DataFrame({
+        "class": [class_names[row[0]] for row in order],
+        "probability": [float(p[row[0]]) for p, row in zip(probs, order)],
+        "top_classes": [[class_names[i] for i in row] for row in order],
+        "top_probabilities": [[float(p[i]) for i in row] for p, row in zip(probs, order)],
+    }, columns=list(OUTPUT_COLUMNS))
+
+
+def model_signature() -> ModelSignature:
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", INPUT_COLUMN)]),
+        outputs=Schema([
+            ColSpec("string", "class"), ColSpec("double", "probability"),
+            ColSpec(Array("string"), "top_classes"), ColSpec(Array("double"), "top_probabilities"),
+        ]),
+        params=ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K)]),
+    )
+
+
+def example_input(data_config) -> pd.DataFrame:
+    """A small grey PNG at the model's input size: a valid request that documents the format."""
+    _, height, width = data_config["input_size"]
+    buffer = io.BytesIO()
+    Image.new("RGB", (int(width), int(height)), (128, 128, 128)).save(buffer, format="PNG")
+    return pd.DataFrame({INPUT_COLUMN: [buffer.getvalue()]})
+
+
+def log_model(checkpoint_path: str | os.PathLike, *, name: str = MODEL_ARTIFACT, register: str | None = None):
+    """Log a transferkit checkpoint as a pyfunc model in the active run; returns MLflow's ``ModelInfo``.
+
+    ``register`` also registers it under that name in the model registry.
+    """
+    from transferkit.backbones import read_checkpoint_metadata  # torch: imported only when logging
+    from transferkit.bundle import find_checkpoint
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # MLflow's input-example check downloads
+    checkpoint = find_checkpoint(checkpoint_path)
+    metadata = read_checkpoint_metadata(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="transferkit-model-") as tmp:
+        folder = stage_checkpoint(checkpoint, metadata, Path(tmp) / MODEL_ARTIFACT)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=__file__,
+            artifacts={MODEL_ARTIFACT: str(folder)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=model_signature(),
+            input_example=example_input(metadata["data_config"]),
+            pip_requirements=pip_requirements(),
+            registered_model_name=register,
+            metadata={"transferkit": {k: metadata.get(k) for k in ("kind", "backbone", "class_names", "resize_mode")}},
+        )
+
+
+def pip_requirements() -> list[str] | None:
+    """transferkit's own dependencies pinned to the installed versions (None: let MLflow infer them)."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+
+    try:
+        needed = [Requirement(line) for line in requires("transferkit") or []]
+        return [f"{req.name}=={version(req.name)}" for req in needed if req.marker is None]
+    except PackageNotFoundError:
+        return None
+
+
+def stage_checkpoint(checkpoint: Path, metadata, folder: Path) -> Path:
+    """Copy a checkpoint into ``folder`` as ``model.safetensors``/``model.json`` (+ an SVM's ``head_file``).
+
+    ``model.safetensors`` is a name :func:`transferkit.bundle.find_checkpoint` looks for, so a downloaded
+    ``runs:/<id>/model`` resolves to it.
+    """
+    folder.mkdir(parents=True)
+    shutil.copy2(checkpoint, folder / "model.safetensors")
+    write_json(folder / "model.json", metadata)
+    if metadata.get("head_file"):
+        shutil.copy2(checkpoint.with_name(metadata["head_file"]), folder / metadata["head_file"])
+    return folder
+
+
+if __name__ != "transferkit.mlflow_model":  # executed by MLflow as the model's code
+    mlflow.models.set_model(TransferkitImageModel())

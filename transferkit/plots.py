@@ -1,0 +1,184 @@
+"""PNG figures for runs and evaluations: confusion matrix, reliability, worst errors, curves, filters.
+
+Figures are built on :class:`matplotlib.figure.Figure` with the Agg canvas (no pyplot state, no display,
+safe in worker threads) and written through :func:`transferkit.fileio.atomic_path`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .fileio import atomic_path
+
+MAX_ANNOTATED_CLASSES = 30
+CURVE_PANELS = (
+    ("loss", ("train_loss", "val_loss")),
+    ("accuracy", ("train_acc", "val_acc", "val_macro_f1")),
+    ("learning rate", ("lr",)),
+)
+
+
+def confusion_matrix_png(cm, class_names: Sequence[str], out: str | os.PathLike, normalize: bool = True) -> Path:
+    """Rows are true classes; ``normalize`` divides each row by its support (recall on the diagonal)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    cm = np.asarray(cm, dtype=np.float64)
+    if normalize:
+        support = cm.sum(axis=1, keepdims=True)
+        cm = np.divide(cm, support, out=np.zeros_like(cm), where=support > 0)
+    size = min(4 + 0.45 * len(class_names), 24)
+    fig = _figure(size, size * 0.85)
+    ax = fig.add_subplot()
+    ConfusionMatrixDisplay(cm, display_labels=list(class_names)).plot(
+        ax=ax, cmap="Blues", colorbar=True, xticks_rotation="vertical",
+        include_values=len(class_names) <= MAX_ANNOTATED_CLASSES, values_format=".2f" if normalize else ".0f",
+    )
+    ax.set_title("confusion matrix (row-normalized)" if normalize else "confusion matrix (counts)")
+    return _save(fig, out)
+
+
+def reliability_png(y_true, probs, out: str | os.PathLike) -> Path:
+    """Accuracy against confidence per bin, with the share of samples per bin below; ECE in the title."""
+    from .evaluation import calibration_bins, expected_calibration_error
+
+    bins = calibration_bins(y_true, probs)
+    edges, count = bins["edges"], bins["count"]
+    centres = (edges[:-1] + edges[1:]) / 2
+    width = edges[1] - edges[0]
+    used = count > 0
+    fig = _figure(5.5, 6.5)
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(centres[used], bins["accuracy"][used], width=width, edgecolor="black", color="tab:blue", label="accuracy")
+    ax.bar(centres[used], bins["confidence"][used] - bins["accuracy"][used], bottom=bins["accuracy"][used],
+           width=width, color="tab:red", alpha=0.3, edgecolor="tab:red", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set(ylim=(0, 1), ylabel="accuracy",
+           title=f"reliability (ECE {expected_calibration_error(y_true, probs):.3f}, n={int(count.sum())})")
+    ax.legend(loc="upper left")
+    hist.bar(centres, count / max(count.sum(), 1), width=width, color="gray", edgecolor="black")
+    hist.set(xlim=(0, 1), xlabel="confidence (max probability)", ylabel="share")
+    return _save(fig, out)
+
+
+def error_gallery_png(items: Sequence[Mapping], out: str | os.PathLike, class_names: Sequence[str] | None = None,
+                      columns: int = 4) -> Path:
+    """Thumbnails of ``items`` (``{path, true, pred, prob}``) titled true → pred (prob).
+
+    ``true``/``pred`` may be class indices (named through ``class_names``) or names. An unreadable image
+    is shown as an empty tile, and no items gives a figure that says so, so the file always exists.
+    """
+    from .data.decode import load_image
+
+    def name(label):
+        return class_names[label] if class_names is not None and isinstance(label, (int, np.integer)) else str(label)
+
+    if not items:
+        fig = _figure(4, 1.5)
+        fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        return _save(fig, out)
+    columns = max(1, min(columns, len(items)))
+    rows = math.ceil(len(items) / columns)
+    fig = _figure(3 * columns, 3.2 * rows)
+    for i, item in enumerate(items):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        try:
+            ax.imshow(load_image(item["path"], min_short_side=256))
+        except Exception:  # the gallery must not fail because one file vanished or is corrupt
+            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"{name(item['true'])} → {name(item['pred'])} ({float(item['prob']):.2f})\n"
+                     f"{Path(str(item['path'])).name}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle("most confident errors (true → predicted)")
+    return _save(fig, out)
+
+
+def training_curves_png(rows: Sequence[Mapping], out: str | os.PathLike) -> Path:
+    """Loss, accuracy (train, val) / val macro-F1 and learning rate per epoch.
+
+    ``rows`` are per-epoch dicts (e.g. read back from metrics.csv, so values may be strings or blank);
+    keys that are absent or empty are simply not drawn.
+    """
+    epochs = [_number(row.get("epoch")) for row in rows]
+    fig = _figure(13, 3.8)
+    for ax, (title, keys) in zip(fig.subplots(1, len(CURVE_PANELS)), CURVE_PANELS):
+        for key in keys:
+            points = [(e, _number(row.get(key))) for e, row in zip(epochs, rows)]
+            points = [(e, v) for e, v in points if e is not None and v is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=key)
+        ax.set(title=title, xlabel="epoch")
+        if title == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        if ax.lines:
+            ax.legend()
+        ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def filters_png(weight, out: str | os.PathLike, max_filters: int = 64) -> Path:
+    """First-layer filters ``[O, I, kh, kw]`` as a grid: RGB when ``I == 3``, else the channel mean in gray.
+
+    Each filter is scaled to [0, 1] on its own, as in Zeiler & Fergus, so shape is visible whatever the norm.
+    """
+    w = np.asarray(weight.detach().float().cpu() if hasattr(weight, "detach") else weight, dtype=np.float32)
+    if w.ndim != 4:
+        from .errors import TransferkitError
+
+        raise TransferkitError(f"expected a conv weight [out, in, kh, kw], got shape {list(w.shape)}")
+    w = w[:max_filters]
+    tiles = w.transpose(0, 2, 3, 1) if w.shape[1] == 3 else w.mean(axis=1)[..., None].repeat(3, axis=-1)
+    low = tiles.min(axis=(1, 2, 3), keepdims=True)
+    span = tiles.max(axis=(1, 2, 3), keepdims=True) - low
+    tiles = np.divide(tiles - low, span, out=np.full_like(tiles, 0.5), where=span > 0)
+    columns = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / columns)
+    fig = _figure(columns * 0.9 + 0.5, rows * 0.9 + 0.8)
+    for i, tile in enumerate(tiles):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        ax.imshow(tile, interpolation="nearest")
+        ax.axis("off")
+    fig.suptitle(f"{len(tiles)} of {weight.shape[0]} first-layer filters, {weight.shape[2]}x{weight.shape[3]}")
+    return _save(fig, out)
+
+
+def cam_overlay_png(view: np.ndarray, heatmap: np.ndarray, out: str | os.PathLike, title: str = "") -> Path:
+    """The model's view of an image (uint8 HWC, after the eval resize) beside it with a CAM ``heatmap`` in [0, 1]."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    overlay = show_cam_on_image(view.astype(np.float32) / 255.0, heatmap, use_rgb=True)
+    fig = _figure(8, 4.4)
+    for ax, picture, label in zip(fig.subplots(1, 2), (view, overlay), ("model input", "class activation")):
+        ax.imshow(picture)
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out)
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, out: str | os.PathLike) -> Path:
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return out
+
+
+def _number(value) -> float | None:
+    """A plottable float, or None for blanks/NaN/non-numbers from a CSV row."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number

@@ -1,0 +1,175 @@
+"""Predict classes for image files with a saved model; also the batched inference loop evaluate uses.
+
+Inputs are files, folders (searched recursively for images) and glob patterns. A file that cannot be
+decoded becomes a row with an ``error`` instead of stopping the batch. Test-time augmentation averages
+the class probabilities over the views built by :func:`transferkit.augment.build_tta_transform`.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .data.decode import ImageDecodeError, is_image_file, load_image
+from .errors import TransferkitError
+from .fileio import atomic_path, write_json
+
+OUTPUT_FORMATS = (".csv", ".json", ".parquet")
+
+
+def predict(model_spec, inputs: Sequence[str | os.PathLike], topk: int = 3, tta: str = "none",
+            batch_size: int = 32, out: str | os.PathLike | None = None, device: str = "auto",
+            workers: int | None = None) -> list[dict]:
+    """One row per image: ``path``, ``pred``, ``prob``, ``top1_class``, ``top1_prob`` ... ``topK_*``, ``error``.
+
+    ``out`` (.csv, .json or .parquet) is written atomically; rows are returned either way.
+    """
+    from .bundle import load_predictor
+    from .runtime import select_device
+
+    if topk < 1:
+        raise TransferkitError(f"--topk must be at least 1, got {topk}")
+    _check_batch_size(batch_size)
+    check_tta(tta)
+    if out is not None and Path(out).suffix.lower() not in OUTPUT_FORMATS:
+        raise TransferkitError(f"--out {out}: unknown format; end the name with one of {', '.join(OUTPUT_FORMATS)}")
+    paths = expand_inputs(inputs)
+    predictor = load_predictor(model_spec, select_device(device))
+    probs, errors = predict_paths(predictor, paths, tta=tta, batch_size=batch_size, workers=workers)
+    rows = prediction_rows(paths, probs, errors, predictor.class_names, topk)
+    if out is not None:
+        write_rows(rows, out)
+    return rows
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files as given, folders searched recursively for images, globs expanded; order kept, duplicates dropped."""
+    if not inputs:
+        raise TransferkitError("no input images; pass image files, folders or glob patterns")
+    found: dict[Path, None] = {}
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_file():
+            matches = [path]
+        elif path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p.name) and not p.name.startswith("."))
+        elif glob.has_magic(str(item)):
+            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(str(item)), recursive=True)
+                             if Path(p).is_file() and is_image_file(p))
+        else:
+            raise TransferkitError(f"input {item} does not exist; pass image files, folders or quoted glob patterns")
+        if not matches:
+            raise TransferkitError(f"no images found for input {item} (extensions: jpg, png, bmp, webp, tif)")
+        found.update(dict.fromkeys(matches))
+    return list(found)
+
+
+def predict_paths(predictor, paths: Sequence[str | os.PathLike], tta: str = "none", batch_size: int = 32,
+                  workers: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """Class probabilities ``[N, C]`` for ``paths`` (NaN rows where decoding failed) and one error per path ('' if ok).
+
+    Decoding runs in DataLoader workers; with TTA each image's K views go through the model together and
+    their probabilities are averaged.
+    """
+    from tqdm.auto import tqdm
+
+    from .augment import MIN_ENLARGE, build_tta_transform, tta_predict_proba
+    from .data.dataset import make_loader
+    from .transforms import working_short_side
+
+    _check_batch_size(batch_size)
+    check_tta(tta)
+    views = build_tta_transform(predictor.data_config, predictor.resize_mode, tta)
+    short_side = working_short_side(predictor.data_config, predictor.resize_mode)
+    if tta in ("five-crop", "ten-crop"):  # their views are cut from a fit enlarged by up to MIN_ENLARGE
+        short_side = math.ceil(short_side * MIN_ENLARGE)
+    dataset = _ViewsDataset(paths, views, short_side)
+    loader = make_loader(dataset, batch_size, workers=workers, device=predictor.device)
+    probs = np.full((len(paths), len(predictor.class_names)), np.nan, dtype=np.float32)
+    errors: list[str] = []
+    start = 0
+    with tqdm(total=len(paths), unit="img", desc="predict", disable=None, leave=False) as bar:
+        for batch, batch_errors in loader:
+            ok = [i for i, error in enumerate(batch_errors) if not error]
+            if ok:
+                probs[[start + i for i in ok]] = tta_predict_proba(predictor.predict_proba_tensor, batch[ok])
+            errors.extend(batch_errors)
+            start += len(batch_errors)
+            bar.update(len(batch_errors))
+    return probs, errors
+
+
+def prediction_rows(paths: Sequence, probs: np.ndarray, errors: Sequence[str], class_names: Sequence[str],
+                    topk: int) -> list[dict]:
+    k = min(topk, len(class_names))
+    rows = []
+    for path, row_probs, error in zip(paths, probs, errors):
+        row = {"path": str(path), "pred": None, "prob": None}
+        order = [] if error else np.argsort(-row_probs, kind="stable")[:k]
+        for rank in range(k):
+            row[f"top{rank + 1}_class"] = class_names[order[rank]] if len(order) else None
+            row[f"top{rank + 1}_prob"] = float(row_probs[order[rank]]) if len(order) else None
+        if not error:
+            row["pred"], row["prob"] = row["top1_class"], row["top1_prob"]
+        row["error"] = error
+        rows.append(row)
+    return rows
+
+
+def write_rows(rows: Sequence[dict], out: str | os.PathLike) -> Path:
+    """Rows to .csv / .json / .parquet by the name's suffix, atomically."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix == ".json":
+        write_json(out, list(rows))
+        return out
+    if suffix not in OUTPUT_FORMATS:
+        raise TransferkitError(f"cannot write {out}: use one of {', '.join(OUTPUT_FORMATS)}")
+    import pandas as pd
+
+    frame = pd.DataFrame(list(rows))
+    with atomic_path(out) as tmp:
+        if suffix == ".csv":
+            frame.to_csv(tmp, index=False)
+        else:
+            frame.to_parquet(tmp, index=False)
+    return out
+
+
+class _ViewsDataset(Dataset):
+    """Yields ``(views [K,3,H,W], error)``; a file that will not decode gives zeros and its error message."""
+
+    def __init__(self, paths: Sequence, views: Callable, min_short_side: int | None):
+        self.paths = [os.fspath(p) for p in paths]
+        self.views = views
+        self.min_short_side = min_short_side
+        self.empty = torch.zeros_like(views(np.zeros((32, 32, 3), dtype=np.uint8)))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = load_image(self.paths[i], self.min_short_side)
+        except ImageDecodeError as exc:
+            return self.empty, str(exc)
+        return self.views(image), ""
+
+
+def check_tta(tta: str) -> None:
+    from .augment import TTA_MODES
+
+    if tta not in TTA_MODES:
+        raise TransferkitError(f"unknown --tta {tta!r}; use one of {', '.join(TTA_MODES)}")
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise TransferkitError(f"--batch-size must be at least 1, got {batch_size}")

@@ -1,0 +1,319 @@
+"""MLflow tracking: the one module (with :mod:`transferkit.mlflow_model`) that talks to MLflow.
+
+Commands open a run with :func:`start_run` and log through the tracker it yields; with tracking
+switched off (``--no-track``) the tracker's methods do nothing, so callers never branch on it.
+The default store is MLflow 3's embedded one, ``sqlite:///mlflow.db`` in the working directory with
+artifacts in ``mlruns/`` beside it; ``tracking_uri`` or ``MLFLOW_TRACKING_URI`` point elsewhere (a
+shared server). A run that raises is marked FAILED (KILLED on Ctrl-C) with the error as a tag, so
+a reviewer sees broken runs in the UI instead of half-finished ones that look fine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from numbers import Number
+from pathlib import Path
+
+from . import __version__
+from .errors import TransferkitError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+ARTIFACTS_FOLDER = "mlruns"  # beside a local sqlite store, like MLflow's own default
+LONG_PARAMS_ARTIFACT = "params/long_values.json"
+MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
+MAX_TAG_VALUE = 8000
+MAX_KEY = 250
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+_INVALID_KEY_CHARS = re.compile(r"[^\w./\- :]")
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """Explicit URI, else ``$MLFLOW_TRACKING_URI``, else the local sqlite store in the working directory."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the working directory), else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve()
+
+
+def dashboard_command(backend_store_uri: str | None = None, *, host: str = "127.0.0.1",
+                      port: int = 5000) -> tuple[list[str], dict]:
+    """``(argv, env)`` of the ``mlflow server`` that shows a local store, its artifacts proxied from beside it.
+
+    One worker and no GenAI job runner (seven extra processes): a review dashboard needs neither.
+    """
+    uri = resolve_tracking_uri(backend_store_uri)
+    if uri.startswith(("http://", "https://", "databricks")):
+        raise TransferkitError(f"tracking URI {uri} is already a server; open it in a browser instead of `transferkit ui`")
+    db = sqlite_path(uri)
+    artifacts = db.parent / ARTIFACTS_FOLDER if db else Path(ARTIFACTS_FOLDER).resolve()
+    argv = [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--artifacts-destination", str(artifacts),
+        "--host", host, "--port", str(port), "--workers", "1",
+    ]
+    env = {
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    return argv, env
+
+
+def default_run_name(backbone: str, strategy: str) -> str:
+    """``<backbone>-<strategy>-<YYYYmmdd-HHMMSS>``: sortable, and says what was trained how."""
+    return f"{backbone}-{strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def default_experiment_name(dataset_path: str | os.PathLike) -> str:
+    """One experiment per dataset, named after its folder, so runs on the same data sit together."""
+    return Path(dataset_path).expanduser().resolve().name
+
+
+def recipe_git_commit(recipe_path: str | os.PathLike | None) -> str | None:
+    """HEAD of the git repository holding the user's recipe file, if it is in one."""
+    if not recipe_path:
+        return None
+    folder = Path(recipe_path).expanduser().resolve().parent
+    try:
+        result = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (result.stdout.strip() or None) if result.returncode == 0 else None
+
+
+def run_tags(*, backbone: str | None = None, strategy: str | None = None, dataset_fingerprint: str | None = None,
+             recipe: str | os.PathLike | None = None) -> dict:
+    """The tags a reviewer filters runs by; ``None`` values are left out."""
+    tags = {
+        "backbone": backbone,
+        "strategy": strategy,
+        "dataset_fingerprint": dataset_fingerprint,
+        "recipe": str(recipe) if recipe else None,
+        "recipe_git_commit": recipe_git_commit(recipe),
+    }
+    return {key: value for key, value in tags.items() if value is not None}
+
+
+def flatten_params(nested: Mapping, prefix: str = "") -> dict:
+    """Nested mappings → ``{"a.b.c": value}``; lists stay whole values (JSON text when logged)."""
+    flat = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _active(method):
+    """Tracker methods are no-ops when tracking is off."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.run_id is None:
+            return None
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+class Tracker:
+    """Logs into one MLflow run; ``run_id is None`` means tracking is off and every method does nothing."""
+
+    def __init__(self, run_id: str | None = None):
+        self.run_id = run_id
+        self._long_params: dict[str, str] = {}
+
+    @_active
+    def log_params(self, params: Mapping) -> None:
+        """Log params (nested mappings are flattened); values over MLflow's length limit go to an artifact."""
+        import mlflow
+
+        short = {}
+        for key, value in flatten_params(params).items():
+            text = _param_text(value)
+            key = _clean_key(key)
+            if len(text) > MAX_PARAM_VALUE:
+                self._long_params[key] = text
+                text = f"<{len(text)} characters, see {LONG_PARAMS_ARTIFACT}>"
+            short[key] = text
+        if self._long_params:
+            mlflow.log_dict(self._long_params, LONG_PARAMS_ARTIFACT)
+        mlflow.log_params(short)
+
+    @_active
+    def log_metrics(self, metrics: Mapping, step: int | None = None) -> None:
+        """Log the numeric scalars of ``metrics`` (nested mappings flattened, anything else skipped)."""
+        import mlflow
+
+        numeric = {_clean_key(k): float(v) for k, v in flatten_params(metrics).items() if _is_number(v)}
+        if numeric:
+            mlflow.log_metrics(numeric, step=step)
+
+    @_active
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Log a file, or a folder's contents, under ``artifact_path`` in the run."""
+        import mlflow
+
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path)
+        elif path.is_file():
+            mlflow.log_artifact(str(path), artifact_path)
+        else:
+            raise TransferkitError(f"cannot log artifact {path}: it does not exist")
+
+    @_active
+    def log_dict(self, obj, filename: str) -> None:
+        """Log ``obj`` as JSON or YAML (chosen by ``filename``'s extension) without a local file."""
+        import mlflow
+
+        mlflow.log_dict(obj, filename)
+
+    @_active
+    def log_text(self, text: str, filename: str) -> None:
+        import mlflow
+
+        mlflow.log_text(text, filename)
+
+    @_active
+    def set_tags(self, tags: Mapping) -> None:
+        import mlflow
+
+        mlflow.set_tags({_clean_key(k): str(v)[:MAX_TAG_VALUE] for k, v in tags.items() if v is not None})
+
+    @_active
+    def log_model(self, checkpoint_path: str | os.PathLike, register: str | None = None) -> str:
+        """Log a checkpoint as the run's pyfunc model (see :mod:`transferkit.mlflow_model`); returns its URI.
+
+        The URI is ``runs:/<run_id>/model``, which ``transferkit predict/evaluate`` and ``mlflow models
+        serve`` accept. ``register`` also registers the model under that name.
+        """
+        from .mlflow_model import MODEL_ARTIFACT, log_model
+
+        log_model(checkpoint_path, name=MODEL_ARTIFACT, register=register)
+        return f"runs:/{self.run_id}/{MODEL_ARTIFACT}"
+
+    @_active
+    def log_evaluation(self, metrics: Mapping, prefix: str = "val", artifacts_dir: str | os.PathLike | None = None):
+        """Final metrics of an evaluation (from :func:`transferkit.evaluation.classification_metrics`).
+
+        Scalars become metrics ``<prefix>_<name>`` (``val_accuracy``, ``test_macro_f1``); the whole dict,
+        the per-class report (JSON and a readable table) go to ``<prefix>/`` in the run, with the files
+        of ``artifacts_dir`` (confusion matrix, error gallery, reliability plot) if given.
+        """
+        self.log_metrics({f"{prefix}_{k}": v for k, v in metrics.items() if _is_number(v)})
+        self.log_dict(dict(metrics), f"{prefix}/metrics.json")
+        if metrics.get("per_class"):
+            self.log_dict(metrics["per_class"], f"{prefix}/per_class.json")
+            self.log_text(per_class_table(metrics), f"{prefix}/per_class.txt")
+        if artifacts_dir is not None:
+            self.log_artifact(artifacts_dir, prefix)
+
+
+def per_class_table(metrics: Mapping) -> str:
+    """The per-class report as an aligned text table, with the headline numbers under it."""
+    per_class = metrics["per_class"]
+    width = max([len("class"), *(len(name) for name in per_class)])
+    lines = [f"{'class':<{width}}  precision  recall      f1  support"]
+    for name, row in per_class.items():
+        lines.append(f"{name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:6.4f}  {row['support']:7d}")
+    lines.append("")
+    for key, value in metrics.items():
+        if _is_number(value):
+            lines.append(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def start_run(command: str, *, enabled: bool = True, tracking_uri: str | None = None, experiment: str | None = None,
+              run_name: str | None = None, tags: Mapping | None = None, params: Mapping | None = None,
+              system_metrics: bool = True) -> Iterator[Tracker]:
+    """Open an MLflow run for ``command`` and yield its :class:`Tracker` (a no-op one when not ``enabled``).
+
+    ``experiment`` is created if missing (MLflow's default experiment when None); ``run_name`` defaults to
+    ``<command>-<timestamp>`` rather than MLflow's random words. Tags ``command`` and
+    ``transferkit_version`` are always set. ``system_metrics`` samples CPU/RAM (and GPU when
+    ``nvidia-ml-py`` is installed) in the background. An exception inside the block marks the run
+    FAILED (KILLED for Ctrl-C) and is re-raised.
+    """
+    if not enabled:
+        yield Tracker(None)
+        return
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # restores the caller's URI exactly
+
+    uri = resolve_tracking_uri(tracking_uri)
+    with _use_tracking_uri(uri):
+        run = mlflow.start_run(
+            experiment_id=_experiment_id(uri, experiment) if experiment else None,
+            run_name=run_name or f"{command}-{time.strftime('%Y%m%d-%H%M%S')}",
+            nested=mlflow.active_run() is not None,
+            tags={"command": command, "transferkit_version": __version__},
+            log_system_metrics=system_metrics,
+        )
+        with run:
+            _mark_model_training(run.info.experiment_id)
+            tracker = Tracker(run.info.run_id)
+            tracker.set_tags(tags or {})
+            if params:
+                tracker.log_params(params)
+            try:
+                yield tracker
+            except BaseException as exc:
+                tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"})
+                if isinstance(exc, KeyboardInterrupt):
+                    mlflow.end_run("KILLED")
+                raise
+
+
+def _experiment_id(tracking_uri: str, name: str) -> str:
+    """The id of experiment ``name``, created (artifacts beside a local sqlite store) if missing."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        db = sqlite_path(tracking_uri)
+        location = (db.parent / ARTIFACTS_FOLDER / _clean_key(name)).as_uri() if db else None
+        return client.create_experiment(name, artifact_location=location)
+    if found.lifecycle_stage == "deleted":
+        raise TransferkitError(f"MLflow experiment {name!r} was deleted; restore it in the UI or pass another --experiment")
+    return found.experiment_id
+
+
+def _mark_model_training(experiment_id: str) -> None:
+    """Tell the MLflow 3 UI this is a model-training experiment (else it may open in its GenAI layout)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+
+
+def _param_text(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value), default=str)
+    return str(value)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, Number) and not isinstance(value, complex)
+
+
+def _clean_key(key) -> str:
+    """MLflow keys allow letters, digits, ``_ . / - :`` and spaces; anything else (class names!) becomes ``_``."""
+    return _INVALID_KEY_CHARS.sub("_", str(key))[:MAX_KEY]

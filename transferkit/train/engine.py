@@ -1,0 +1,484 @@
+"""The finetune loop: one run folder, epochs in phases, a commit point after every epoch.
+
+Run folder ``runs/<name>/``: ``config.yaml`` (resolved), ``split.csv``, ``metrics.csv``, ``best.*`` and
+``last.*`` (transferkit classifier checkpoints, loadable by :func:`transferkit.bundle.load_predictor`),
+``curves.png``, ``resume.pt`` (see :mod:`.checkpoint`) and, written last, ``result.json``: a folder
+without it is an unfinished run, to be continued with ``--resume``.
+
+Under torchrun every rank runs this same code on its share of each batch (DistributedDataParallel);
+metrics are reduced across ranks and only rank 0 writes files, prints and talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed
+from ..backbones import load_backbone, read_checkpoint_metadata
+from ..bundle import checkpoint_metadata, save_checkpoint
+from ..config import TrainConfig
+from ..data import discover
+from ..data.dataset import make_loader
+from ..errors import TransferkitError
+from ..fileio import atomic_path, ensure_writable_dir, write_json
+from ..runtime import amp_dtype, autocast, prepare_model, seed_everything, select_device, to_device
+from . import checkpoint, loaders
+from .optim import Schedule, build_optimizer
+from .strategies import Phase, apply_trainable, phase_at, phases, reset_head, set_train_mode
+
+METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr",
+                  "epoch_seconds", "images_per_s")
+TIMING_COLUMNS = ("epoch_seconds", "images_per_s")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_epoch: int
+    best: dict  # the metrics.csv row of the best epoch
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    model_uri: str | None = None  # MLflow model URI when tracked
+
+    def summary(self) -> str:
+        return (f"run {self.run_dir}: best epoch {self.best_epoch}, val_loss {self.best['val_loss']:.4f}, "
+                f"val_acc {self.best['val_acc']:.4f}, val_macro_f1 {self.best['val_macro_f1']:.4f}")
+
+
+def finetune(config: TrainConfig, *, resume: str | os.PathLike | None = None, recipe: str | None = None,
+             progress: bool = True) -> RunResult:
+    """Train ``config`` into a new run folder, or continue the run folder ``resume`` (whose config it is)."""
+    device = select_device(config.device)
+    with distributed.process_group(device):
+        return _Run(config, device, resume=resume, recipe=recipe, progress=progress).execute()
+
+
+class _Run:
+    def __init__(self, config: TrainConfig, device: torch.device, *, resume, recipe, progress):
+        self.config = config
+        self.device = device
+        self.recipe = recipe
+        self.progress = progress and distributed.is_main()
+        self.amp = config.amp and amp_dtype(device) is not None
+        self.state = checkpoint.load_state(Path(resume)) if resume is not None else None
+        seed_everything(config.seed)
+        self.index = self._discover()
+        self.classes = self.index.classes
+        self.model, self.data_config = self._load_model()
+        self.run_dir = self._run_dir(resume)
+        self.phases = phases(config)
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.bad_epochs = 0
+
+    # ------------------------------------------------------------------ setup, all checked before training
+
+    def _discover(self):
+        config = self.config
+        index = discover(config.data, val_ratio=config.val_ratio, seed=config.seed)
+        counts = index.counts()
+        for split in ("train", "val"):
+            missing = [c for c in index.classes if counts.get(split, {}).get(c, 0) == 0]
+            if missing:
+                raise TransferkitError(
+                    f"classes missing from {split}: {', '.join(missing)}; every class needs {split} images "
+                    f"(add some, or raise --val-ratio / use class folders so val is carved per class)")
+        n_train = len(index.split("train"))
+        world = distributed.world_size()
+        if config.batch_size > n_train:
+            raise TransferkitError(f"batch size {config.batch_size} is larger than the {n_train} training images; "
+                                   f"use --batch-size {n_train} or less")
+        if config.batch_size % world:
+            raise TransferkitError(f"batch size {config.batch_size} (the global batch) must divide by the "
+                                   f"{world} processes; use a multiple of {world}")
+        if world > 1 and config.balance == "sampler":
+            raise TransferkitError("balance 'sampler' is not supported under torchrun; use --balance weights")
+        if (config.mixup or config.cutmix) and (config.batch_size // world) % 2:
+            raise TransferkitError(f"mixup/cutmix need an even batch per process, got {config.batch_size // world}")
+        return index
+
+    def _load_model(self):
+        config = self.config
+        if self.state is not None:
+            saved = self.state["identity"]
+            if saved["backbone"] != config.backbone or saved["class_names"] != self.classes:
+                raise TransferkitError(
+                    f"the run to resume trained {saved['backbone']} on classes {saved['class_names']}, but the data "
+                    f"has {self.classes}; resume with the same data")
+        stated = read_checkpoint_metadata(Path(config.weights)) if config.weights else {}
+        if stated.get("kind") == "classifier" and len(stated.get("class_names", [])) != len(self.classes):
+            raise TransferkitError(
+                f"--weights {config.weights} is a classifier for {len(stated['class_names'])} classes "
+                f"({', '.join(stated['class_names'])}) but the data has {len(self.classes)}; "
+                "pass the backbone's pretrained weights instead")
+        overrides = {"img_size": config.img_size} if config.img_size else None
+        model, data_config = load_backbone(
+            config.backbone, weights=config.weights, num_classes=len(self.classes), pretrained=config.pretrained,
+            weights_config=config.weights_config, data_overrides=overrides,
+        )
+        if self.state is not None:
+            model.load_state_dict(self.state["model"])
+        elif stated.get("kind") != "classifier":  # a transferkit classifier brings its trained head along
+            reset_head(model)
+        return model, data_config
+
+    def _run_dir(self, resume) -> Path:
+        if resume is not None:
+            run_dir = Path(resume)
+            if (run_dir / checkpoint.COMPLETE_FILE).exists():
+                raise TransferkitError(f"run {run_dir} is already complete; start a new run instead of --resume")
+            return run_dir
+        out = Path(self.config.out).expanduser()
+        name, error = self.config.name, None
+        if distributed.is_main():
+            try:
+                name = self._new_run_folder(out, name)
+            except TransferkitError as exc:
+                error = str(exc)
+        name, error = distributed.broadcast_from_main((name, error))  # every rank fails alike, none hangs
+        if error:
+            raise TransferkitError(error)
+        return out / name
+
+    def _new_run_folder(self, out: Path, name: str | None) -> str:
+        ensure_writable_dir(out)
+        if name is None:
+            from ..tracking import default_run_name
+
+            name = _free_name(out, default_run_name(self.config.backbone, self.config.strategy.replace(":", "")))
+        elif (out / name).exists():
+            raise TransferkitError(f"run folder {out / name} already exists; pick another --name or --resume it")
+        (out / name).mkdir()
+        return name
+
+    # ------------------------------------------------------------------ the run
+
+    def execute(self) -> RunResult:
+        from ..tracking import run_tags, start_run
+
+        config = self.config
+        if distributed.is_main() and self.state is None:
+            config.save(self.run_dir / "config.yaml")
+            self._write_split()
+        with start_run(
+            "finetune", enabled=config.track and distributed.is_main(), tracking_uri=config.tracking_uri,
+            experiment=config.experiment, run_name=self.run_dir.name,
+            tags=run_tags(backbone=config.backbone, strategy=config.strategy,
+                          dataset_fingerprint=self.index.fingerprint(), recipe=self.recipe),
+            params=config.to_dict(),
+        ) as tracker:
+            self.tracker = tracker
+            stopped_early = self._train()
+            model_uri = self._finish(stopped_early)
+        return RunResult(self.run_dir, self.best["epoch"], self.best, self.history, stopped_early, model_uri)
+
+    def _train(self) -> bool:
+        config = self.config
+        self._build_data()
+        start_epoch = self._restore()
+        phase = None
+        for epoch in range(start_epoch, config.epochs):
+            if phase is None or phase_at(self.phases, epoch) != phase:
+                fresh = self.state is None or self.state["phase"] != phase_at(self.phases, epoch).index
+                phase = self._start_phase(phase_at(self.phases, epoch), fresh)
+            row = self._epoch(epoch, phase)
+            improved = self._record(row)
+            self._commit(epoch, phase, improved)
+            if config.early_stopping and self.bad_epochs >= config.early_stopping:
+                self._say(f"early stopping: no {config.monitor} progress for {self.bad_epochs} epochs")
+                return True
+        return False
+
+    def _build_data(self) -> None:
+        """Image loaders, or — for a linear probe without train-time augmentation — cached features."""
+        from ..augment import build_train_transform
+        from ..data.cache import build_cache
+        from ..data.dataset import ImageDataset
+        from ..transforms import build_eval_transform, working_short_side
+
+        config = self.config
+        world = distributed.world_size()
+        train, val = self.index.split("train"), self.index.split("val")
+        self.train_labels = np.array([s.label for s in train])
+        short_side = working_short_side(self.data_config, config.resize_mode)
+        cache = build_cache(config.cache, interpolation=self.data_config["interpolation"])
+        eval_transform = build_eval_transform(self.data_config, config.resize_mode)
+
+        def images(samples, transform):
+            return ImageDataset([s.path for s in samples], [s.label for s in samples], transform,
+                                min_short_side=short_side, cache=cache)
+
+        self.model = prepare_model(self.model, self.device)
+        val_set = images(val, eval_transform)
+        if config.uses_feature_cache:
+            train_set, val_set = self._features(images(train, eval_transform), val_set)
+            self.forward = self.model.get_classifier()
+        else:
+            train_set = images(train, build_train_transform(self.data_config, config.aug, config.resize_mode))
+            self.forward = self.model
+            if config.sync_bn and world > 1:
+                from timm.layers import convert_sync_batchnorm
+
+                if self.device.type == "cpu":
+                    raise TransferkitError("--sync-bn needs GPUs (torch's SyncBatchNorm does not run on CPU); drop it")
+
+                self.model = convert_sync_batchnorm(self.model)
+                self.forward = self.model
+        workers = 0 if config.uses_feature_cache else config.workers
+        self.train_loader = loaders.train_loader(
+            train_set, self.train_labels, batch_size=config.batch_size // world, seed=config.seed,
+            balance=config.balance, workers=workers, device=self.device)
+        self.val_loader = loaders.val_loader(val_set, batch_size=max(1, config.batch_size // world),
+                                             workers=workers, device=self.device)
+        self.n_val = len(val_set)
+        self.criterion, self.mixup = self._losses()
+
+    def _features(self, train_set, val_set):
+        """Run the frozen backbone once over train and val; the head then trains on the vectors."""
+        from ..features import compute_features
+
+        started = time.perf_counter()
+        sets = []
+        for dataset in (train_set, val_set):
+            loader = make_loader(dataset, self.config.batch_size, workers=self.config.workers, device=self.device)
+            sets.append(loaders.feature_dataset(*compute_features(self.model, loader, self.device, amp=self.amp)))
+        self._say(f"features extracted once for the linear probe in {time.perf_counter() - started:.1f} s "
+                  f"({len(train_set)} train, {len(val_set)} val images)")
+        return sets
+
+    def _losses(self):
+        config = self.config
+        if config.mixup or config.cutmix:
+            from timm.data import Mixup
+            from timm.loss import SoftTargetCrossEntropy
+
+            mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
+                          label_smoothing=config.label_smoothing, num_classes=len(self.classes))
+            return SoftTargetCrossEntropy(), mixup
+        weight = None
+        if config.balance == "weights":
+            counts = np.bincount(self.train_labels, minlength=len(self.classes))
+            weight = torch.tensor(len(self.train_labels) / (len(self.classes) * counts), dtype=torch.float32,
+                                  device=self.device)
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing), None
+
+    def _restore(self) -> int:
+        """The epoch to start from: 0, or the one after the last committed epoch of the run resumed."""
+        if self.state is None:
+            return 0
+        self.history = list(self.state["history"])
+        self.best = dict(self.state["best"])
+        self.bad_epochs = int(self.state["bad_epochs"])
+        checkpoint.set_rng_state(self.state["rng"])
+        self._say(f"resuming {self.run_dir} after epoch {self.state['epoch'] + 1}")
+        return int(self.state["epoch"]) + 1
+
+    def _start_phase(self, phase: Phase, fresh: bool) -> Phase:
+        """Freeze/unfreeze for ``phase`` and build its optimizer and schedule (restored when resuming in it)."""
+        config = self.config
+        trainable = apply_trainable(self.model, phase, config.train_bn)
+        module = self.forward
+        self.ddp = None
+        if distributed.world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(module, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.net = self.ddp or module
+        if config.compile and not config.uses_feature_cache:
+            self.net = torch.compile(self.net)
+        self.optimizer = build_optimizer(module, config, phase)
+        self.updates_per_epoch = math.ceil(len(self.train_loader) / config.accum_steps)
+        self.schedule = Schedule(self.optimizer, config, phase, self.updates_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and amp_dtype(self.device) == torch.float16)
+        if not fresh:
+            self.optimizer.load_state_dict(self.state["optimizer"])
+            self.schedule.load_state_dict(self.state["schedule"])
+            self.scaler.load_state_dict(self.state["scaler"])
+        self._say(f"phase {phase.index + 1}/{len(self.phases)}: training {phase.trainable} "
+                  f"({trainable:,} parameters), lr {config.lr * phase.lr_scale:g}")
+        return phase
+
+    def _epoch(self, epoch: int, phase: Phase) -> dict:
+        lr = max(group["lr"] for group in self.optimizer.param_groups)
+        started = time.perf_counter()
+        train_loss, train_acc, seen = self._train_epoch(epoch, phase)
+        seconds = time.perf_counter() - started
+        val = self._evaluate()
+        return {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, **val, "lr": lr,
+                "epoch_seconds": round(seconds, 3), "images_per_s": round(seen / seconds, 1)}
+
+    def _train_epoch(self, epoch: int, phase: Phase) -> tuple[float, float, int]:
+        config = self.config
+        self.train_loader.sampler.set_epoch(epoch)
+        set_train_mode(self.model, config.train_bn)
+        updates = (epoch - phase.start_epoch) * self.updates_per_epoch
+        totals = [0.0, 0.0, 0.0]  # loss sum, correct, count (this rank)
+        steps = len(self.train_loader)
+        self.optimizer.zero_grad(set_to_none=True)
+        bar = self._bar(epoch, steps)
+        for step, (images, labels) in enumerate(self.train_loader):
+            images, labels = to_device(images, self.device), labels.to(self.device)
+            inputs, targets = self.mixup(images, labels) if self.mixup else (images, labels)
+            sync = (step + 1) % config.accum_steps == 0 or step + 1 == steps
+            with self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext():
+                with autocast(self.device, self.amp):
+                    logits = self.net(inputs)
+                    loss = self.criterion(logits.float(), targets)
+                self.scaler.scale(loss / config.accum_steps).backward()
+            if sync:
+                if config.grad_clip:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], config.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                updates += 1
+                self.schedule.after_update(updates)
+            totals[0] += loss.item() * len(labels)
+            totals[1] += (logits.argmax(1) == labels).sum().item()
+            totals[2] += len(labels)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{totals[0] / totals[2]:.4f}", acc=f"{totals[1] / totals[2]:.3f}")
+        loss_sum, correct, count = distributed.all_reduce_sum(totals, self.device)
+        if bar is not None:
+            bar.close()
+        return loss_sum / count, correct / count, int(count)
+
+    @torch.inference_mode()
+    def _evaluate(self) -> dict:
+        """Val loss (plain cross-entropy), accuracy and macro-F1 over the whole val split, on every rank."""
+        from ..evaluation import classification_metrics
+
+        module = self.forward
+        module.eval()
+        rows = []
+        offset = 0
+        shard = distributed.shard_indices(self.n_val)
+        for images, labels in self.val_loader:
+            with autocast(self.device, self.amp):
+                logits = module(to_device(images, self.device)).float().cpu()
+            index = torch.tensor(shard[offset:offset + len(labels)], dtype=torch.float32)
+            offset += len(labels)
+            rows.append(torch.cat([index[:, None], labels[:, None].float(), logits], 1))
+        width = len(self.classes) + 2
+        mine = torch.cat(rows).numpy() if rows else np.zeros((0, width), np.float32)
+        gathered = np.concatenate(distributed.gather_rows(mine, math.ceil(self.n_val / distributed.world_size()),
+                                                          width, self.device))
+        gathered = gathered[np.argsort(gathered[:, 0], kind="stable")]
+        labels = torch.from_numpy(gathered[:, 1]).long()
+        logits = torch.from_numpy(np.ascontiguousarray(gathered[:, 2:]))
+        metrics = classification_metrics(labels.numpy(), logits.softmax(1).numpy(), self.classes, topk=(1,))
+        return {"val_loss": F.cross_entropy(logits, labels).item(), "val_acc": metrics["accuracy"],
+                "val_macro_f1": metrics["macro_f1"]}
+
+    def _record(self, row: dict) -> bool:
+        """Append ``row`` to the history; True when it is the new best on ``monitor``."""
+        self.history.append(row)
+        key = self.config.monitor
+        lower_is_better = key == "val_loss"
+        improved = self.best is None or (row[key] < self.best[key] if lower_is_better else row[key] > self.best[key])
+        if improved:
+            self.best = row
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        self._say(_epoch_line(row, self.config.epochs) + ("  *best" if improved else ""))
+        return improved
+
+    def _commit(self, epoch: int, phase: Phase, improved: bool) -> None:
+        """Write the epoch's outputs; ``resume.pt`` last, as the commit point."""
+        if distributed.is_main():
+            self._save_model("last", epoch)
+            if improved:
+                self._save_model("best", epoch)
+            self._write_metrics()
+            self.tracker.log_metrics({k: v for k, v in self.history[-1].items() if k != "epoch"}, step=epoch + 1)
+            checkpoint.save_state(self.run_dir, {
+                "epoch": epoch, "phase": phase.index,
+                "identity": {"backbone": self.config.backbone, "class_names": list(self.classes)},
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state(),
+                "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
+            })
+        distributed.barrier()
+
+    def _finish(self, stopped_early: bool) -> str | None:
+        if not distributed.is_main():
+            return None
+        from ..plots import training_curves_png
+
+        curves = training_curves_png(self.history, self.run_dir / "curves.png")
+        for path in (self.run_dir / "config.yaml", self.run_dir / "metrics.csv", curves):
+            self.tracker.log_artifact(path)
+        model_uri = self.tracker.log_model(self.run_dir / "best.safetensors", register=self.config.register)
+        write_json(self.run_dir / checkpoint.COMPLETE_FILE, {
+            "best_epoch": self.best["epoch"], "best": self.best, "epochs_run": len(self.history),
+            "stopped_early": stopped_early, "mlflow_run_id": self.tracker.run_id, "model_uri": model_uri,
+        })
+        return model_uri
+
+    # ------------------------------------------------------------------ outputs
+
+    def _save_model(self, stem: str, epoch: int) -> None:
+        metadata = checkpoint_metadata(
+            self.model, kind="classifier", class_names=self.classes, data_config=self.data_config,
+            resize_mode=self.config.resize_mode, recipe=self.config.to_dict(), split=self.index.records(),
+            epoch=epoch + 1, metrics=self.history[-1], dataset_fingerprint=self.index.fingerprint(),
+        )
+        save_checkpoint(self.run_dir / stem, self.model, metadata)
+
+    def _write_split(self) -> None:
+        with atomic_path(self.run_dir / "split.csv") as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["path", "label", "split"])
+            writer.writeheader()
+            writer.writerows(self.index.records())
+
+    def _write_metrics(self) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: row[k] for k in METRIC_COLUMNS} for row in self.history)
+        with atomic_path(self.run_dir / "metrics.csv") as tmp:
+            tmp.write_text(buffer.getvalue())
+
+    def _bar(self, epoch: int, steps: int):
+        """A tqdm bar on a terminal; on a pipe or log file only the per-epoch line is printed."""
+        if not (self.progress and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch", leave=False)
+
+    def _say(self, line: str) -> None:
+        if self.progress:
+            print(line, file=sys.stderr, flush=True)
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.3f}  "
+            f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}  val_macro_f1 {row['val_macro_f1']:.3f}  "
+            f"lr {row['lr']:.2e}  {row['epoch_seconds']:.1f} s  {row['images_per_s']:.1f} img/s")
+
+
+def _free_name(out: Path, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``... if a run folder of that name exists (never overwrite a run)."""
+    candidate, n = name, 1
+    while (out / candidate).exists():
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
