@@ -108,11 +108,13 @@ def head_accuracies(work: Path) -> dict:
 
 
 def peak_rss(data: Path, out: Path) -> dict:
-    """One extraction in a fresh process; its own peak RSS and that of its largest DataLoader worker."""
+    """One extraction in a fresh process: its own peak RSS (VmHWM, which exec resets; getrusage's ru_maxrss
+    would carry this parent's peak over) and that of its largest DataLoader worker."""
     code = ("import json, resource, sys\n"
             "from transferkit.features import extract_features\n"
             f"extract_features({BACKBONE!r}, sys.argv[1], sys.argv[2], weights={str(WEIGHTS)!r}, device='cpu')\n"
-            "print(json.dumps({'main_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,\n"
+            "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+            "print(json.dumps({'main_mib': int(hwm.split()[1]) / 1024,\n"
             "                  'worker_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))\n")
     done = subprocess.run([sys.executable, "-c", code, str(data), str(out)], capture_output=True, text=True, check=True)
     return {k: round(v, 1) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}

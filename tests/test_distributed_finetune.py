@@ -35,12 +35,14 @@ def torchrun(nproc: int, *args: str, timeout: int = 240) -> subprocess.Completed
 
 
 def test_two_processes_match_one(tiny_data, tiny_weights, tmp_path):
-    settings = dict(strategy="linear-probe", aug="light", epochs=2, batch_size=8, lr=0.05)
+    # global batch 4 = 2 per rank, 2 accumulation steps: exercises DDP's no_sync on the first micro-batch
+    settings = dict(strategy="linear-probe", aug="light", epochs=2, batch_size=4, accum_steps=2, lr=0.05)
     single = finetune(config_for(tiny_data, tiny_weights, tmp_path, name="single", **settings), progress=False)
 
     args = ["--backbone", "test_efficientnet", "--weights", str(tiny_weights), "--data", str(tiny_data),
             "--out", str(tmp_path), "--name", "ddp", "--no-track", "--workers", "0", "--strategy", "linear-probe",
-            "--aug", "light", "--epochs", "2", "--batch-size", "8", "--lr", "0.05", "--device", "cpu"]
+            "--aug", "light", "--epochs", "2", "--batch-size", "4", "--accum-steps", "2", "--lr", "0.05",
+            "--device", "cpu"]
     result = torchrun(2, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("best epoch") == 1  # only rank 0 reports

@@ -178,3 +178,11 @@ def test_make_loader_defaults_and_overrides(jpegs):
     assert make_loader(dataset, 2, workers=0, pin_memory=True).pin_memory
     images, labels = next(iter(loader))
     assert images.shape == (2, 3, 64, 64) and labels.tolist() == [0, 1]
+
+
+def test_dataset_batches_tta_views(jpegs):
+    from transferkit.augment import build_tta_transform
+
+    dataset = ImageDataset(jpegs, [0, 1, 0], build_tta_transform(CONFIG, "crop", "ten-crop"), min_short_side=SHORT)
+    views, labels = next(iter(make_loader(dataset, 3, workers=0)))
+    assert views.shape == (3, 10, 3, 64, 64) and labels.tolist() == [0, 1, 0]

@@ -77,7 +77,8 @@ def _git_recipe(folder):
     return recipe, head
 
 
-def test_run_params_metrics_artifacts_round_trip(mlflow_server, tmp_path):
+def test_run_params_metrics_artifacts_round_trip(mlflow_server, tiny_data, tmp_path):
+    from transferkit.data import discover
     from transferkit.evaluation import classification_metrics
 
     recipe, head = _git_recipe(tmp_path / "recipes")
@@ -102,6 +103,7 @@ def test_run_params_metrics_artifacts_round_trip(mlflow_server, tmp_path):
         tracker.log_artifact(report)
         tracker.log_artifact(plots, "plots")
         tracker.log_dict({"resolved": True}, "recipe.yaml")
+        tracker.log_dataset(discover(tiny_data))
         tracker.log_evaluation(metrics, prefix="val", artifacts_dir=plots)
 
     client = MlflowClient(mlflow_server.url)
@@ -114,6 +116,9 @@ def test_run_params_metrics_artifacts_round_trip(mlflow_server, tmp_path):
     assert run.data.tags["backbone"] == "test_efficientnet" and run.data.tags["strategy"] == "full"
     assert run.data.tags["dataset_fingerprint"] == "abc123"
     assert run.data.tags["recipe_git_commit"] == head
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "data" and dataset_input.dataset.digest == discover(tiny_data).fingerprint()
+    assert dataset_input.tags[0].value == "training"
     params = run.data.params
     assert params["optim.lr"] == "0.01" and params["data.path"] == "/data/my photos (2024)"
     assert params["class counts.train/cat "] == "8"
@@ -143,6 +148,22 @@ def test_exception_ends_the_run_as_failed_or_killed_with_an_error_tag(mlflow_ser
     run = MlflowClient(mlflow_server.url).get_run(tracker.run_id)
     assert run.info.status == status
     assert run.data.tags["error"] == f"{type(error).__name__}: boom"
+
+
+def test_unreachable_server_is_a_quick_one_line_error():
+    from conftest import free_port
+
+    with pytest.raises(TransferkitError, match="is unreachable.*--no-track"):
+        with start_run("finetune", tracking_uri=f"http://127.0.0.1:{free_port()}", system_metrics=False):
+            pass
+
+
+def test_deleted_experiment_is_a_one_line_error(mlflow_server):
+    client = MlflowClient(mlflow_server.url)
+    client.delete_experiment(client.create_experiment("deleted-data"))
+    with pytest.raises(TransferkitError, match="'deleted-data' was deleted; restore it"):
+        with start_run("finetune", tracking_uri=mlflow_server.url, experiment="deleted-data", system_metrics=False):
+            pass
 
 
 def test_missing_artifact_is_a_one_line_error(mlflow_server, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -37,7 +38,9 @@ from .transforms import (
 AUG_PRESETS = ("none", "light", "medium", "heavy")
 TTA_MODES = ("none", "hflip", "five-crop", "ten-crop")
 TTA_VIEWS = {"none": 1, "hflip": 2, "five-crop": 5, "ten-crop": 10}
-PRESET_DIR = Path(__file__).resolve().parents[1] / "recipes" / "augment"
+_SOURCE_RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # a checkout / editable install
+_INSTALLED_RECIPES = Path(sys.prefix) / "share" / "transferkit" / "recipes"  # a wheel's data_files
+PRESET_DIR = (_SOURCE_RECIPES if _SOURCE_RECIPES.is_dir() else _INSTALLED_RECIPES) / "augment"
 SIZED_CROPS = ("RandomResizedCrop", "RandomSizedCrop")  # their output *is* the model input
 TAIL_ONLY = ("Normalize", "ToTensorV2")  # added by the fixed tail, from the backbone
 PLACEHOLDER_SIZE = [224, 224]  # replaced by the backbone's input size in build_train_transform

@@ -26,7 +26,7 @@ from . import __version__
 from .backbones import CHECKPOINT_METADATA_KEY, load_backbone, read_checkpoint_metadata
 from .errors import TransferkitError
 from .fileio import atomic_path, write_json
-from .transforms import build_eval_transform
+from .transforms import build_eval_transform, working_short_side
 
 FORMAT = "transferkit-model"
 CHECKPOINT_NAMES = ("best", "model", "last")
@@ -126,9 +126,10 @@ class Predictor:
         from .data.decode import load_image
 
         transform = self.eval_transform()
+        short_side = working_short_side(self.data_config, self.resize_mode)  # the same draft decode as validation
         out = []
         for start in range(0, len(images), batch_size):
-            chunk = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images[start:start + batch_size]]
+            chunk = [load_image(im, short_side) if isinstance(im, (str, os.PathLike)) else im for im in images[start:start + batch_size]]
             batch = torch.stack([transform(image=np.asarray(im, dtype=np.uint8))["image"] for im in chunk])
             out.append(self.predict_proba_tensor(batch))
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), dtype=np.float32)

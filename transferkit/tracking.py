@@ -15,9 +15,12 @@ import functools
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
+import warnings
 from collections.abc import Iterator, Mapping
 from numbers import Number
 from pathlib import Path
@@ -196,6 +199,23 @@ class Tracker:
         mlflow.set_tags({_clean_key(k): str(v)[:MAX_TAG_VALUE] for k, v in tags.items() if v is not None})
 
     @_active
+    def log_dataset(self, index, context: str = "training") -> None:
+        """Record the dataset (a :class:`~transferkit.data.DatasetIndex`) as the run's input.
+
+        The UI then shows it in the runs table's Dataset column (name and fingerprint as digest), and the
+        run page lists its rows (path, label, split), so runs on the same images are easy to pick out.
+        """
+        import mlflow
+        import pandas as pd
+
+        frame = pd.DataFrame(index.records(), columns=["path", "label", "split"])
+        with warnings.catch_warnings():  # MLflow registers its local-path source twice and warns about it
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_pandas(frame, source=str(index.root), name=Path(index.root).name,
+                                              digest=index.fingerprint())
+        mlflow.log_input(dataset, context=context)
+
+    @_active
     def log_model(self, checkpoint_path: str | os.PathLike, register: str | None = None) -> str:
         """Log a checkpoint as the run's pyfunc model (see :mod:`transferkit.mlflow_model`); returns its URI.
 
@@ -257,14 +277,19 @@ def start_run(command: str, *, enabled: bool = True, tracking_uri: str | None = 
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # restores the caller's URI exactly
 
     uri = resolve_tracking_uri(tracking_uri)
+    _check_reachable(uri)
     with _use_tracking_uri(uri):
-        run = mlflow.start_run(
-            experiment_id=_experiment_id(uri, experiment) if experiment else None,
-            run_name=run_name or f"{command}-{time.strftime('%Y%m%d-%H%M%S')}",
-            nested=mlflow.active_run() is not None,
-            tags={"command": command, "transferkit_version": __version__},
-            log_system_metrics=system_metrics,
-        )
+        try:
+            run = mlflow.start_run(
+                experiment_id=_experiment_id(uri, experiment) if experiment else None,
+                run_name=run_name or f"{command}-{time.strftime('%Y%m%d-%H%M%S')}",
+                nested=mlflow.active_run() is not None,
+                tags={"command": command, "transferkit_version": __version__},
+                log_system_metrics=system_metrics,
+            )
+        except mlflow.exceptions.MlflowException as exc:
+            raise TransferkitError(f"cannot start an MLflow run in {uri}: {str(exc).splitlines()[0]}; "
+                                   "check --tracking-uri / MLFLOW_TRACKING_URI or pass --no-track") from exc
         with run:
             _mark_model_training(run.info.experiment_id)
             tracker = Tracker(run.info.run_id)
@@ -278,6 +303,19 @@ def start_run(command: str, *, enabled: bool = True, tracking_uri: str | None = 
                 if isinstance(exc, KeyboardInterrupt):
                     mlflow.end_run("KILLED")
                 raise
+
+
+def _check_reachable(tracking_uri: str) -> None:
+    """Fail in seconds, not after MLflow's minutes of retries, when a tracking server is down."""
+    parsed = urllib.parse.urlparse(tracking_uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
+                                 timeout=5).close()
+    except OSError as exc:
+        raise TransferkitError(f"MLflow tracking server {tracking_uri} is unreachable ({exc.strerror or exc}); "
+                               "start it, fix --tracking-uri / MLFLOW_TRACKING_URI, or pass --no-track") from exc
 
 
 def _experiment_id(tracking_uri: str, name: str) -> str:

@@ -29,11 +29,14 @@ def augment():
 @click.option("--img-size", type=click.IntRange(min=16), default=None, help="Override the backbone's input size.")
 @click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default="crop", show_default=True)
 def preview_cmd(data, aug, count, seed, out, backbone, weights, weights_config, pretrained, img_size, resize_mode):
-    """Write a grid of augmented training samples, captioned with their class, to --out."""
+    """Write a grid of augmented training samples, captioned with their class, to --out.
+
+    Only the backbone's preprocessing (size, interpolation, mean/std) is read, from timm or from
+    --weights / --weights-config; no weights are downloaded, so --pretrained makes no difference.
+    """
     from ..augment import preview_grid
     from ..backbones import load_backbone
 
-    # Only the data config matters here, so no pretrained download: a weights file still states its own config.
     _, data_config = load_backbone(
         backbone, weights=weights, pretrained=False, weights_config=weights_config,
         data_overrides={"img_size": img_size} if img_size else None,

@@ -104,6 +104,8 @@ class _Run:
         if config.batch_size % world:
             raise TransferkitError(f"batch size {config.batch_size} (the global batch) must divide by the "
                                    f"{world} processes; use a multiple of {world}")
+        if world > 1 and config.sync_bn and self.device.type == "cpu":
+            raise TransferkitError("--sync-bn needs GPUs (torch's SyncBatchNorm does not run on CPU); drop it")
         if world > 1 and config.balance == "sampler":
             raise TransferkitError("balance 'sampler' is not supported under torchrun; use --balance weights")
         if (config.mixup or config.cutmix) and (config.batch_size // world) % 2:
@@ -231,9 +233,6 @@ class _Run:
             self.forward = self.model
             if config.sync_bn and world > 1:
                 from timm.layers import convert_sync_batchnorm
-
-                if self.device.type == "cpu":
-                    raise TransferkitError("--sync-bn needs GPUs (torch's SyncBatchNorm does not run on CPU); drop it")
 
                 self.model = convert_sync_batchnorm(self.model)
                 self.forward = self.model
