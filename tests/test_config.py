@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_finetune import one_torch_thread  # noqa: F401  (autouse fixture)
 
 from transferkit.config import TrainConfig, resolve_config, resume_config
 from transferkit.errors import TransferkitError
@@ -89,3 +90,17 @@ def test_cli_rejects_unknown_recipe_key_before_creating_a_run(runner, tmp_path, 
     assert result.exit_code == 2
     assert "unknown key 'epochz'" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_cli_flags_beat_the_recipe_and_the_resolved_config_is_saved(runner, tmp_path, tiny_data, tiny_weights):
+    from transferkit.cli import main
+
+    recipe = write(tmp_path / "r.yaml", {"strategy": "linear-probe", "aug": "none", "epochs": 2, "lr": 0.2,
+                                         "batch_size": 8, "label_smoothing": 0.0})
+    result = runner.invoke(main, ["finetune", "--backbone", "test_efficientnet", "--weights", str(tiny_weights),
+                                  "--data", str(tiny_data), "--recipe", str(recipe), "--lr", "0.03", "--workers", "0",
+                                  "--out", str(tmp_path / "runs"), "--name", "p", "--no-track"])
+    assert result.exit_code == 0, result.output
+    saved = resolve_config(tmp_path / "runs" / "p" / "config.yaml")
+    assert (saved.lr, saved.epochs, saved.strategy, saved.label_smoothing) == (0.03, 2, "linear-probe", 0.0)
+    assert saved.optimizer == "adamw" and saved.track is False  # default kept; --no-track applied

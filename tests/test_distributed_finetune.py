@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from test_finetune import config_for, read_metrics  # noqa: I001
+from test_finetune import config_for, one_torch_thread, read_metrics  # noqa: F401,I001  (autouse fixture; tests/ on sys.path)
 
 from transferkit.train import finetune
 from transferkit.train.checkpoint import COMPLETE_FILE
@@ -42,7 +42,7 @@ def test_two_processes_match_one(tiny_data, tiny_weights, tmp_path):
     args = ["--backbone", "test_efficientnet", "--weights", str(tiny_weights), "--data", str(tiny_data),
             "--out", str(tmp_path), "--name", "ddp", "--no-track", "--workers", "0", "--strategy", "linear-probe",
             "--aug", "light", "--epochs", "2", "--batch-size", "4", "--accum-steps", "2", "--lr", "0.05",
-            "--device", "cpu"]
+            "--device", "cpu", "--img-size", "32"]
     result = torchrun(2, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("best epoch") == 1  # only rank 0 reports

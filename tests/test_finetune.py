@@ -17,16 +17,28 @@ from transferkit.train import finetune
 from transferkit.train.engine import METRIC_COLUMNS, TIMING_COLUMNS
 
 BACKBONE = "test_efficientnet"
+IMG = 32  # below the fixture's 64 px: 4x less compute, and it checks that --img-size reaches the checkpoint
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The tiny model gains nothing from threads, and on a busy shared CPU OpenMP's spin-waiting threads made
+    these tests 5-7x slower; restored after each test so other test files keep torch's default."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_cli(runner, tiny_data, tiny_weights, out, *args):
     return runner.invoke(main, ["finetune", "--backbone", BACKBONE, "--weights", str(tiny_weights), "--data", str(tiny_data),
-                                "--out", str(out), "--no-track", "--workers", "0", "--batch-size", "8", *args])
+                                "--out", str(out), "--no-track", "--workers", "0", "--batch-size", "8", "--img-size", str(IMG),
+                                *args])
 
 
 def config_for(tiny_data, tiny_weights, out, **overrides):
     base = {"backbone": BACKBONE, "weights": str(tiny_weights), "data": str(tiny_data), "out": str(out),
-            "track": False, "workers": 0, "batch_size": 8, "epochs": 1, "lr": 0.01}
+            "track": False, "workers": 0, "batch_size": 8, "epochs": 1, "lr": 0.01, "img_size": IMG}
     return resolve_config(None, {**base, **overrides})
 
 
@@ -58,7 +70,7 @@ def test_every_strategy_trains_a_loadable_classifier(runner, tiny_data, tiny_wei
     assert resolve_config(run_dir / "config.yaml").strategy == strategy
     best = json.loads((run_dir / "best.json").read_text())
     assert best["class_names"] == ["cat", "dog"] and best["recipe"]["strategy"] == strategy
-    assert len(best["split"]) == 24 and best["data_config"]["input_size"] == [3, 64, 64]
+    assert len(best["split"]) == 24 and best["data_config"]["input_size"] == [3, IMG, IMG]
     # the best checkpoint reproduces its own recorded val accuracy through the public predictor
     predictor = load_predictor(run_dir)
     val = sorted((tiny_data / "val").rglob("*.png"))
@@ -139,6 +151,18 @@ def test_tracked_run_logs_metrics_per_epoch_artifacts_and_model(tiny_data, tiny_
     assert {"config.yaml", "metrics.csv", "curves.png"} <= {a.path for a in client.list_artifacts(run_id)}
     assert client.get_run(run_id).data.params["strategy"] == "linear-probe"
     assert result.model_uri == f"runs:/{run_id}/model"
+
+
+def test_stalled_val_loss_cuts_the_lr_tenfold_then_stops_early(tiny_data, tiny_weights, tmp_path):
+    # an LR this small leaves val loss flat: plateau (patience 0) divides it by 10 after each epoch without
+    # progress (from epoch 2 on), and early stopping (patience 2) ends the 6-epoch run after epoch 3
+    config = config_for(tiny_data, tiny_weights, tmp_path, strategy="linear-probe", aug="none", epochs=6, lr=1e-6,
+                        scheduler="plateau", plateau_patience=0, early_stopping=2, min_lr=0.0)
+    result = finetune(config, progress=False)
+    assert result.stopped_early and [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert [r["lr"] for r in result.history] == pytest.approx([1e-6, 1e-6, 1e-7])
+    assert json.loads((result.run_dir / "result.json").read_text())["stopped_early"] is True
+    assert result.best_epoch == 1
 
 
 def test_balance_and_plateau_options_run(tiny_data3, tiny_weights, tmp_path):

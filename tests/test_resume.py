@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_finetune import config_for, read_metrics  # noqa: I001  (tests folder on sys.path via rootdir)
+from test_finetune import config_for, one_torch_thread, read_metrics  # noqa: F401,I001  (autouse fixture; tests/ on sys.path)
 
 from transferkit.cli import main
 from transferkit.train import engine, finetune
@@ -32,9 +32,30 @@ def recipe(tiny_data, tiny_weights, out, name):
                       aug="light", mixup=0.4, name=name, warmup_epochs=1)
 
 
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory):
+    from conftest import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("resume") / "data", splits={"train": 8, "val": 4})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shared_data, tiny_weights, tmp_path_factory):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests (one_torch_thread): CPU sums are bitwise equal only at equal thread counts
+    try:
+        return finetune(recipe(shared_data, tiny_weights, tmp_path_factory.mktemp("runs"), "uninterrupted"),
+                        progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("crash_epoch", [1, 2], ids=["at-phase-change", "within-phase"])
-def test_interrupted_run_resumes_to_the_same_history(runner, tiny_data, tiny_weights, tmp_path, monkeypatch, crash_epoch):
-    reference = finetune(recipe(tiny_data, tiny_weights, tmp_path, "uninterrupted"), progress=False)
+def test_interrupted_run_resumes_to_the_same_history(runner, shared_data, tiny_weights, uninterrupted, tmp_path,
+                                                     monkeypatch, crash_epoch):
+    tiny_data, reference = shared_data, uninterrupted
 
     with monkeypatch.context() as patch:
         crash_in_epoch(patch, crash_epoch)

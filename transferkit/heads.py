@@ -56,7 +56,6 @@ TRUSTED_TYPES = [
     "sklearn.calibration.CalibratedClassifierCV",
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
-    "sklearn.model_selection._split.StratifiedKFold",
 ]
 
 
@@ -96,7 +95,9 @@ def make_estimator(model: str, **params):
     if model not in HEAD_MODELS:
         raise TransferkitError(f"unknown head model {model!r}; use one of {', '.join(HEAD_MODELS)}")
     if model == "linear-svm":
-        return LinearSVC(max_iter=20000, **params)
+        # the primal solver converges in a few Newton steps at any C; the dual one needs thousands of
+        # passes at C >= 1 when images are near-duplicates (video frames), 100x slower
+        return LinearSVC(dual=False, max_iter=5000, **params)
     if model == "rbf-svm":
         return SVC(kernel="rbf", **params)
     return LogisticRegression(max_iter=5000, **params)
@@ -191,6 +192,9 @@ def save_head_model(out, result: HeadResult, feature_metadata: Mapping, *, weigh
 
     from .backbones import backbone_identity
 
+    if feature_metadata["weights"] == "random-init":
+        raise TransferkitError("these features come from a randomly initialised backbone, which cannot be saved "
+                               "with the head; extract with pretrained --weights to get a usable model")
     out = ensure_writable_dir(out)
     weights = weights or feature_metadata.get("weights_file")
     model, data_config = build_feature_model(
@@ -209,8 +213,7 @@ def save_head_model(out, result: HeadResult, feature_metadata: Mapping, *, weigh
                "cv_accuracy": result.cv_accuracy}
     split_scores = {split: {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}
                     for split, m in result.metrics.items()}
-    write_json(out / "metrics.json", {**summary, "metrics": result.metrics})
-    _confusion_pngs(out, result.metrics, feature_metadata["class_names"])
+    write_json(out / "metrics.json", {**summary, "metrics": result.metrics})  # plots: `transferkit evaluate`
     metadata = checkpoint_metadata(
         model, kind="svm", class_names=feature_metadata["class_names"], data_config=data_config,
         resize_mode=feature_metadata["resize_mode"], pool=feature_metadata["pool"], layer=feature_metadata["layer"],
@@ -220,13 +223,6 @@ def save_head_model(out, result: HeadResult, feature_metadata: Mapping, *, weigh
     )
     save_checkpoint(out / MODEL_STEM, model, metadata)  # last: its presence marks a complete folder
     return out
-
-
-def _confusion_pngs(out: Path, metrics: Mapping, class_names) -> None:
-    from .plots import confusion_matrix_png
-
-    for split, scores in metrics.items():
-        confusion_matrix_png(scores["confusion_matrix"], class_names, out / f"confusion_{split}.png")
 
 
 def load_head(path: str | os.PathLike):

@@ -38,6 +38,28 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 _INVALID_KEY_CHARS = re.compile(r"[^\w./\- :]")
 
 
+@contextlib.contextmanager
+def _tracking_uri_in_use(uri: str):
+    """Point MLflow at ``uri`` for one run, then restore both its global URI and the environment variable.
+
+    ``mlflow.set_tracking_uri`` also writes (and, given None, deletes) ``$MLFLOW_TRACKING_URI``; a caller's
+    variable must survive a tracked command run in-process (a notebook, the test suite).
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as mlflow_uri_state
+
+    saved_uri, saved_env = mlflow_uri_state._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow_uri_state.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     """Explicit URI, else ``$MLFLOW_TRACKING_URI``, else the local sqlite store in the working directory."""
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
@@ -274,11 +296,10 @@ def start_run(command: str, *, enabled: bool = True, tracking_uri: str | None = 
         yield Tracker(None)
         return
     import mlflow
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # restores the caller's URI exactly
 
     uri = resolve_tracking_uri(tracking_uri)
     _check_reachable(uri)
-    with _use_tracking_uri(uri):
+    with _tracking_uri_in_use(uri):
         try:
             run = mlflow.start_run(
                 experiment_id=_experiment_id(uri, experiment) if experiment else None,

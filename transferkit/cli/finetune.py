@@ -21,7 +21,7 @@ from .options import weights_options
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe (see recipes/); flags override it.")
 @weights_options
 @click.option("--epochs", type=int, help="Epochs to train (default 10).")
-@click.option("--batch-size", type=int, help="Batch size; the global batch under torchrun (default 32).")
+@click.option("--batch-size", type=int, help="Batch size; the global batch under torchrun (default 16).")
 @click.option("--accum-steps", type=int, help="Gradient accumulation steps per optimizer step (default 1).")
 @click.option("--lr", type=float, help="Learning rate of the head (default 1e-3).")
 @click.option("--img-size", type=int, help="Input size instead of the backbone's own.")

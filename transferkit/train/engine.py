@@ -42,6 +42,9 @@ from .strategies import Phase, apply_trainable, phase_at, phases, reset_head, se
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr",
                   "epoch_seconds", "images_per_s")
 TIMING_COLUMNS = ("epoch_seconds", "images_per_s")
+# A val loss counts as progress (new best, early-stopping patience reset) only if it beats the best by this
+# fraction: torch's ReduceLROnPlateau default, so the plateau schedule and early stopping agree on a stall.
+MIN_REL_IMPROVEMENT = 1e-4
 
 
 @dataclass
@@ -305,7 +308,8 @@ class _Run:
         if not fresh:
             self.optimizer.load_state_dict(self.state["optimizer"])
             self.schedule.load_state_dict(self.state["schedule"])
-            self.scaler.load_state_dict(self.state["scaler"])
+            if self.state["scaler"]:  # empty when saved without fp16 (e.g. a CPU run resumed on a GPU)
+                self.scaler.load_state_dict(self.state["scaler"])
         self._say(f"phase {phase.index + 1}/{len(self.phases)}: training {phase.trainable} "
                   f"({trainable:,} parameters), lr {config.lr * phase.lr_scale:g}")
         return phase
@@ -316,6 +320,7 @@ class _Run:
         train_loss, train_acc, seen = self._train_epoch(epoch, phase)
         seconds = time.perf_counter() - started
         val = self._evaluate()
+        self.schedule.after_epoch(val["val_loss"])
         return {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, **val, "lr": lr,
                 "epoch_seconds": round(seconds, 3), "images_per_s": round(seen / seconds, 1)}
 
@@ -351,7 +356,8 @@ class _Run:
             totals[2] += len(labels)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{totals[0] / totals[2]:.4f}", acc=f"{totals[1] / totals[2]:.3f}")
+                bar.set_postfix(loss=f"{totals[0] / totals[2]:.4f}", acc=f"{totals[1] / totals[2]:.3f}",
+                                img_s=f"{totals[2] * distributed.world_size() / bar.format_dict['elapsed']:.1f}")
         loss_sum, correct, count = distributed.all_reduce_sum(totals, self.device)
         if bar is not None:
             bar.close()
@@ -388,8 +394,12 @@ class _Run:
         """Append ``row`` to the history; True when it is the new best on ``monitor``."""
         self.history.append(row)
         key = self.config.monitor
-        lower_is_better = key == "val_loss"
-        improved = self.best is None or (row[key] < self.best[key] if lower_is_better else row[key] > self.best[key])
+        if self.best is None:
+            improved = True
+        elif key == "val_loss":
+            improved = row[key] < self.best[key] * (1 - MIN_REL_IMPROVEMENT)
+        else:
+            improved = row[key] > self.best[key]
         if improved:
             self.best = row
             self.bad_epochs = 0
