@@ -5,7 +5,7 @@ On ../shared/data/roads with ../shared/weights/tf_efficientnet_lite0.safetensors
 1. extraction images/s (``extract_features``: decode + eval transform + forward + parquet writes) against
    the bare model forward on pre-decoded, pre-transformed tensors, same batch size and torch threads;
    the roads file list is repeated (symlinks) to --repeat x 89 images so start-up does not dominate;
-2. wall time of ``transferkit svm --backbone --data`` (extract + grid search + save) against one
+2. wall time of ``transferkit svm --backbone --data --no-track`` (extract + grid search + save) against one
    ``transferkit extract`` of the same data, both as fresh CLI processes;
 3. val accuracy of linear-svm, rbf-svm and logistic (default grids, 5-fold CV on train) on the plain
    roads features;
@@ -90,7 +90,8 @@ def svm_vs_extract(data: Path, work: Path, rounds: int) -> dict:
     extract_s, svm_s = [], []
     for r in range(rounds):
         extract_s.append(_timed([*CLI, "extract", *common, "--out", str(work / f"x{r}.parquet")]))
-        svm_s.append(_timed([*CLI, "svm", *common, "--model", "linear-svm", "--out", str(work / f"svm{r}")]))
+        svm_s.append(_timed([*CLI, "svm", *common, "--model", "linear-svm", "--out", str(work / f"svm{r}"),
+                             "--no-track"]))
     return {"extract_s": extract_s, "svm_s": svm_s, "ratio_best": round(min(svm_s) / min(extract_s), 3)}
 
 

@@ -25,23 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-ROADS = SHARED / "data" / "roads"
-WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.safetensors"
-BACKBONE = "tf_efficientnet_lite0"
-
-
-def best_time(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from _common import BACKBONE, ROADS, WEIGHTS, best_time
 
 
 def main() -> None:

@@ -45,7 +45,8 @@ def test_svm_cli_from_features_file(runner, tiny_data3, tiny_weights, tmp_path):
     features = _extract(tiny_data3, tiny_weights, tmp_path / "f.parquet")
     out = tmp_path / "model"
     result = runner.invoke(main, ["svm", "--features", str(features), "--model", "linear-svm", "--cv", "3",
-                                  "--grid", "C=0.1,1", "--out", str(out)])
+                                  "--grid", "C=0.1,1", "--out", str(out), "--tracking-uri",
+                                  f"sqlite:///{tmp_path / 'mlflow.db'}", "--experiment", "svm-test"])
     assert result.exit_code == 0, result.output
     assert "linear-svm: C=" in result.output and "val   accuracy" in result.output
     metadata = json.loads((out / "model.json").read_text())
@@ -55,12 +56,19 @@ def test_svm_cli_from_features_file(runner, tiny_data3, tiny_weights, tmp_path):
     assert set(metadata["head_metrics"]["val"]) == {"n", "accuracy", "balanced_accuracy", "macro_f1"}
     scores = json.loads((out / "metrics.json").read_text())["metrics"]["val"]
     assert np.array(scores["confusion_matrix"]).sum() == scores["n"] == 3  # one val image per class carved from 6
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("svm-test").experiment_id])
+    assert run.data.metrics["val_accuracy"] == scores["accuracy"] and run.data.params["head_model"] == "linear-svm"
+    assert run.data.tags["strategy"] == "svm-linear-svm" and "MLflow run" in result.output
 
 
 def test_svm_shortcut_model_predicts_images(runner, tiny_data, tiny_weights, tmp_path):
     out = tmp_path / "model"
     result = runner.invoke(main, ["svm", "--backbone", TINY_BACKBONE, "--weights", str(tiny_weights), "--data",
-                                  str(tiny_data), "--model", "rbf-svm", "--out", str(out), "--workers", "0"])
+                                  str(tiny_data), "--model", "rbf-svm", "--out", str(out), "--workers", "0",
+                                  "--no-track"])
     assert result.exit_code == 0, result.output
     table, meta = read_features(out / "features.parquet")
     predictor = load_predictor(out)
@@ -128,7 +136,7 @@ def test_head_files_with_untrusted_types_are_refused(tmp_path):
 
 
 def test_svm_cli_argument_errors(runner, tmp_path):
-    result = runner.invoke(main, ["svm", "--out", str(tmp_path / "m")])
+    result = runner.invoke(main, ["svm", "--out", str(tmp_path / "m"), "--no-track"])
     assert result.exit_code == 2 and "error: missing --backbone and --data" in result.output
     result = runner.invoke(main, ["svm", "--features", "f.parquet", "--backbone", TINY_BACKBONE])
     assert result.exit_code == 2 and "either --features" in result.output
@@ -141,3 +149,12 @@ def test_real_lite0_features_separate_road_surfaces(tmp_path):
                                 weights=SHARED_WEIGHTS / "tf_efficientnet_lite0.safetensors", device="cpu")
     result = fit_head(features, "logistic")
     assert result.metrics["val"]["accuracy"] >= 0.90
+
+
+def test_random_init_features_cannot_become_a_model(tiny_data, tmp_path):
+    features = extract_features(TINY_BACKBONE, tiny_data, tmp_path / "f.parquet", pretrained=False, workers=0,
+                                device="cpu")
+    assert fit_head(features, "logistic", cv=2).metrics["val"]["n"] == 8  # fitting alone is fine
+    with pytest.raises(TransferkitError, match="randomly initialised"):
+        fit_head(features, "logistic", cv=2, out=tmp_path / "model")
+    assert not (tmp_path / "model").exists()

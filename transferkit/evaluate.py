@@ -3,6 +3,11 @@
 The dataset's class names are matched to the model's by name, so a test folder may hold a subset of the
 classes (or list them in another order); a class the model does not know is an error. Files that fail
 to decode are skipped and listed. Results go to ``out`` (a folder) and, with tracking on, to MLflow.
+
+A finetuned model remembers the split it trained with (``metadata['split']``: path relative to the data
+root, label, split). When the data on disk has no folder for the split asked for — a plain folder of class
+folders whose val split transferkit carved — that split is rebuilt from those records, so ``evaluate --split
+val`` scores exactly the images the run validated on.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,40 +33,54 @@ def evaluate(model_spec, data, split: str | None = None, tta: str = "none", batc
     """Metrics of ``model_spec`` on ``split`` of ``data`` (see :func:`transferkit.evaluation.classification_metrics`).
 
     ``split=None`` means ``test`` when the data has split folders, or the whole dataset when it has a single
-    split (a plain folder of class folders). Files written to ``out``: ``metrics.json``, ``predictions.csv``,
+    split (a plain folder of class folders). A split the data has no folder for (``val`` of a plain folder)
+    is rebuilt from the split records a finetuned model carries, matched by path relative to ``data``; files
+    missing from ``data`` are an error. Files written to ``out``: ``metrics.json``, ``predictions.csv``,
     ``confusion_matrix.png``, ``confusion_matrix_normalized.png``, ``reliability.png``, ``errors.png``.
     """
     from .bundle import load_predictor
     from .data import discover
-    from .predict import check_tta, predict_paths
+    from .predict import check_tta
     from .runtime import select_device
 
     check_tta(tta)
     index = discover(data, val_ratio=0, strict=False)
-    split, samples = _select_split(index, split)
     predictor = load_predictor(model_spec, select_device(device))
+    split, samples = _select_split(index, split, predictor.metadata.get("split") or [])
     y_true = _model_labels(index, samples, predictor.class_names)
-    paths = [s.path for s in samples]
+    with _output_folder(out, track) as folder:
+        result = evaluate_samples(predictor, [s.path for s in samples], y_true, split=split, folder=folder,
+                                  info={"model": str(model_spec), "data": str(data)}, tta=tta,
+                                  batch_size=batch_size, workers=workers, topk=topk)
+        _track(result, folder, predictor, index, track=track, tracking_uri=tracking_uri, experiment=experiment)
+    return result
+
+
+def evaluate_samples(predictor, paths: Sequence, y_true: np.ndarray, *, split: str, folder: Path | None = None,
+                     info: Mapping | None = None, tta: str = "none", batch_size: int = 32, workers: int | None = None,
+                     topk: Sequence[int] = (1, 3)) -> dict:
+    """Score ``predictor`` on labelled ``paths`` (``y_true``: the model's class indices); report into ``folder``.
+
+    The one scoring path of `transferkit evaluate` and of the val report a finetune ends with, so both give
+    the same numbers. The result is ``info`` + split, tta, the metrics and the ``skipped`` undecodable files.
+    """
+    from .evaluation import classification_metrics
+    from .predict import predict_paths
+
     probs, errors = predict_paths(predictor, paths, tta=tta, batch_size=batch_size, workers=workers)
-    ok = np.array([not e for e in errors])
+    ok = np.array([not e for e in errors], dtype=bool)
     if not ok.any():
         raise TransferkitError(f"none of the {len(paths)} images in split {split} could be decoded (e.g. {errors[0]})")
-
-    from .evaluation import classification_metrics
-
     result = {
-        "model": str(model_spec),
-        "data": str(data),
+        **(info or {}),
         "split": split,
         "tta": tta,
         **classification_metrics(y_true[ok], probs[ok], predictor.class_names, topk=topk),
         "skipped": [{"path": str(p), "error": e} for p, e in zip(paths, errors) if e],
     }
-    with _output_folder(out, track) as folder:
-        if folder is not None:
-            write_report(folder, result, [p for p, good in zip(paths, ok) if good], y_true[ok], probs[ok],
-                         predictor.class_names)
-        _track(result, folder, predictor, index, track=track, tracking_uri=tracking_uri, experiment=experiment)
+    if folder is not None:
+        write_report(folder, result, [p for p, good in zip(paths, ok) if good], y_true[ok], probs[ok],
+                     predictor.class_names)
     return result
 
 
@@ -83,16 +102,31 @@ def write_report(folder: Path, result: dict, paths: Sequence, y_true: np.ndarray
     plots.error_gallery_png(worst_errors(paths, y_true, probs, GALLERY_SIZE), folder / "errors.png", class_names)
 
 
-def _select_split(index, split: str | None):
+def _select_split(index, split: str | None, records: Sequence[Mapping]):
     if split is None:
         if "test" in index.splits:
             return "test", index.split("test")
         if len(index.splits) == 1:
             return "all", list(index.samples)
         raise TransferkitError(f"{index.root} has no test split; pass --split one of: {', '.join(index.splits)}")
+    on_disk = split in index.splits and index.layout != "class-folders"  # a plain folder's one split is all of it
+    recorded = [r for r in records if r["split"] == split]
+    if not on_disk and recorded:
+        return split, _recorded_split(index, recorded)
     if split not in index.splits:
         raise TransferkitError(f"split {split!r} not found in {index.root}; it has: {', '.join(index.splits)}")
     return split, index.split(split)
+
+
+def _recorded_split(index, records: Sequence[Mapping]) -> list:
+    """The samples of ``index`` at the records' paths (relative to its root), in record order."""
+    by_path = {index.relpath(s): s for s in index.samples}
+    missing = [r["path"] for r in records if r["path"] not in by_path]
+    if missing:
+        raise TransferkitError(
+            f"{len(missing)} of the {len(records)} images of the model's {records[0]['split']} split are not in "
+            f"{index.root} (e.g. {missing[0]}); pass the data folder the model was trained on")
+    return [by_path[r["path"]] for r in records]
 
 
 def _model_labels(index, samples, class_names: Sequence[str]) -> np.ndarray:

@@ -77,7 +77,10 @@ def extract_cmd(backbone, data, out, **options):
 @click.option("--grid", default=None, help="Search space, e.g. 'C=0.01,0.1,1' or 'C=1,10;gamma=scale,0.01'.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Model folder [default: runs/svm-<backbone>-<model>].")
-def svm_cmd(features, backbone, data, head_model, cv, grid, out, **options):
+@click.option("--track/--no-track", default=True, show_default=True, help="Log the run and the model to MLflow.")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
+@click.option("--experiment", default=None, help="MLflow experiment name [default: the dataset folder's name].")
+def svm_cmd(features, backbone, data, head_model, cv, grid, out, track, tracking_uri, experiment, **options):
     """Fit an SVM / logistic head on frozen features and save it as a model for predict/evaluate.
 
     Either --features FILE, or --backbone NAME --data PATH (extracts into the model folder, then fits).
@@ -96,6 +99,29 @@ def svm_cmd(features, backbone, data, head_model, cv, grid, out, **options):
         features = extract_features(backbone, data, out / "features.parquet", **options)
     result = fit_head(features, head_model, cv=cv, grid=grid, out=out, weights=weights, seed=options["seed"])
     _print_result(result)
+    if track:
+        _track(result, read_metadata(features), tracking_uri=tracking_uri, experiment=experiment)
+
+
+def _track(result, feature_metadata, *, tracking_uri, experiment) -> None:
+    """The fitted head as an MLflow run: search space and choice, val/test metrics, the model itself."""
+    from ..tracking import default_experiment_name, default_run_name, run_tags, start_run
+
+    dataset = feature_metadata["dataset"]
+    params = {"backbone": feature_metadata["backbone"], "weights": feature_metadata["weights"],
+              "pool": feature_metadata["pool"], "layer": feature_metadata["layer"], "tta": feature_metadata["tta"],
+              "head_model": result.model, "cv_folds": result.cv_folds,
+              **{f"head_{k}": v for k, v in result.best_params.items()}}
+    tags = run_tags(backbone=feature_metadata["backbone"], strategy=f"svm-{result.model}",
+                    dataset_fingerprint=dataset["fingerprint"])
+    with start_run("svm", tracking_uri=tracking_uri, experiment=experiment or default_experiment_name(dataset["root"]),
+                   run_name=default_run_name(feature_metadata["backbone"], f"svm-{result.model}"), tags=tags,
+                   params=params, system_metrics=False) as tracker:
+        tracker.log_metrics({"cv_accuracy": result.cv_accuracy})
+        for split, scores in result.metrics.items():
+            tracker.log_evaluation(scores, prefix=split)
+        uri = tracker.log_model(result.out / "model.safetensors")
+    click.echo(f"MLflow run {tracker.run_id} (model {uri})")
 
 
 def _require(**values) -> None:

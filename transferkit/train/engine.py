@@ -2,8 +2,11 @@
 
 Run folder ``runs/<name>/``: ``config.yaml`` (resolved), ``split.csv``, ``metrics.csv``, ``best.*`` and
 ``last.*`` (transferkit classifier checkpoints, loadable by :func:`transferkit.bundle.load_predictor`),
-``curves.png``, ``resume.pt`` (see :mod:`.checkpoint`) and, written last, ``result.json``: a folder
-without it is an unfinished run, to be continued with ``--resume``.
+``curves.png``, ``resume.pt`` (see :mod:`.checkpoint`), the review of the finished run — ``val/`` (the best
+checkpoint's evaluation report on its val split, see :func:`transferkit.evaluate.write_report`),
+``augment_preview.png`` and ``data_check.json`` — and, written last, ``result.json``: a folder without it is
+an unfinished run, to be continued with ``--resume``. With tracking on, all of it goes to MLflow too, in one
+experiment per dataset (the data folder's name unless ``experiment`` is set).
 
 Under torchrun every rank runs this same code on its share of each batch (DistributedDataParallel);
 metrics are reduced across ranks and only rank 0 writes files, prints and talks to MLflow.
@@ -172,7 +175,7 @@ class _Run:
     # ------------------------------------------------------------------ the run
 
     def execute(self) -> RunResult:
-        from ..tracking import run_tags, start_run
+        from ..tracking import default_experiment_name, run_tags, start_run
 
         config = self.config
         if distributed.is_main() and self.state is None:
@@ -180,12 +183,13 @@ class _Run:
             self._write_split()
         with start_run(
             "finetune", enabled=config.track and distributed.is_main(), tracking_uri=config.tracking_uri,
-            experiment=config.experiment, run_name=self.run_dir.name,
+            experiment=config.experiment or default_experiment_name(config.data), run_name=self.run_dir.name,
             tags=run_tags(backbone=config.backbone, strategy=config.strategy,
                           dataset_fingerprint=self.index.fingerprint(), recipe=self.recipe),
             params=config.to_dict(),
         ) as tracker:
             self.tracker = tracker
+            self._log_data()
             stopped_early = self._train()
             model_uri = self._finish(stopped_early)
         return RunResult(self.run_dir, self.best["epoch"], self.best, self.history, stopped_early, model_uri)
@@ -434,12 +438,47 @@ class _Run:
         curves = training_curves_png(self.history, self.run_dir / "curves.png")
         for path in (self.run_dir / "config.yaml", self.run_dir / "metrics.csv", curves):
             self.tracker.log_artifact(path)
+        self._write_review()
         model_uri = self.tracker.log_model(self.run_dir / "best.safetensors", register=self.config.register)
         write_json(self.run_dir / checkpoint.COMPLETE_FILE, {
             "best_epoch": self.best["epoch"], "best": self.best, "epochs_run": len(self.history),
             "stopped_early": stopped_early, "mlflow_run_id": self.tracker.run_id, "model_uri": model_uri,
         })
         return model_uri
+
+    def _log_data(self) -> None:
+        """The data a run saw, as MLflow inputs and params, so runs are compared on it in the UI alone."""
+        self.tracker.log_dataset(self.index, context="training")
+        self.tracker.log_params({"data_config": self.data_config, "classes": self.classes,
+                                 "counts": self.index.counts()})
+
+    def _write_review(self) -> None:
+        """What a reviewer judges the run by, in the run folder and in MLflow: the best checkpoint's report on
+        the val split it trained with (``val/``), the augmentation preview and the dataset check."""
+        from ..augment import preview_grid
+        from ..bundle import load_predictor
+        from ..data.check import check_dataset
+        from ..evaluate import evaluate_samples
+
+        config = self.config
+        val = self.index.split("val")
+        folder = ensure_writable_dir(self.run_dir / "val")
+        report = evaluate_samples(
+            load_predictor(self.run_dir / "best.safetensors", self.device), [s.path for s in val],
+            np.array([s.label for s in val], dtype=np.int64), split="val", folder=folder,
+            info={"model": str(self.run_dir / "best.safetensors"), "best_epoch": self.best["epoch"]},
+            batch_size=config.batch_size, workers=config.workers)
+        # val_loss/val_acc/val_macro_f1 are per-epoch series; the best epoch already holds these values there
+        self.tracker.log_evaluation({k: v for k, v in report.items() if f"val_{k}" not in METRIC_COLUMNS},
+                                    prefix="val", artifacts_dir=folder)
+        preview = preview_grid(self.index, config.aug, self.data_config, n=16, seed=config.seed,
+                               out=self.run_dir / "augment_preview.png", resize_mode=config.resize_mode)
+        check = check_dataset(self.index, min_side=min(self.data_config["input_size"][1:]))
+        write_json(self.run_dir / "data_check.json", check.to_dict())
+        for path in (preview, self.run_dir / "data_check.json"):
+            self.tracker.log_artifact(path)
+        self._say(f"val report of the best epoch ({self.best['epoch']}): accuracy {report['accuracy']:.4f}, "
+                  f"macro-F1 {report['macro_f1']:.4f}, in {folder}")
 
     # ------------------------------------------------------------------ outputs
 
