@@ -28,14 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _common import BACKBONE, ROADS, WEIGHTS
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-ROADS = SHARED / "data" / "roads"
-WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.safetensors"
-BACKBONE = "tf_efficientnet_lite0"
 CLI = [sys.executable, "-m", "transferkit"]
 
 

@@ -23,14 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _common import BACKBONE, ROADS, WEIGHTS
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-ROADS = SHARED / "data" / "roads"
-BACKBONE = "tf_efficientnet_lite0"
-WEIGHTS = SHARED / "weights" / f"{BACKBONE}.safetensors"
 METHODS = ("linear-probe", "freeze-unfreeze", "full", "peer")
 
 

@@ -202,3 +202,10 @@ def mlflow_server(tmp_path_factory):
         yield SimpleNamespace(url=url, store_uri=store_uri, folder=folder, log=log)
     finally:
         stop_process_tree(process)
+
+
+def extract_tiny(data, weights, out, **kwargs):
+    """Features of the tiny backbone, in-process and on CPU (no loader workers), for fast tests."""
+    from transferkit.features import extract_features
+
+    return extract_features(TINY_BACKBONE, data, out, weights=weights, workers=0, device="cpu", **kwargs)

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY_BACKBONE, TINY_IMG, make_image
+from conftest import TINY_BACKBONE, TINY_IMG, extract_tiny, make_image
 
 from transferkit.cli import main
 from transferkit.data import discover
@@ -16,15 +16,10 @@ from transferkit.features import (
     build_feature_model,
     compute_features,
     embed,
-    extract_features,
     read_features,
     read_metadata,
 )
 from transferkit.fileio import sha256_file
-
-
-def _extract(data, weights, out, **kwargs):
-    return extract_features(TINY_BACKBONE, data, out, weights=weights, workers=0, device="cpu", **kwargs)
 
 
 def _preprocessed(paths, data_config):
@@ -36,7 +31,7 @@ def _preprocessed(paths, data_config):
 
 
 def test_parquet_schema_metadata_and_vectors(tiny_data, tiny_weights, tmp_path):
-    out = _extract(tiny_data, tiny_weights, tmp_path / "f.parquet")
+    out = extract_tiny(tiny_data, tiny_weights, tmp_path / "f.parquet")
     schema = pq.read_schema(out)
     assert schema.names == ["path", "label", "label_index", "split", "features"]
     features_type = schema.field("features").type
@@ -62,7 +57,7 @@ def test_compute_features_is_the_same_loop_in_memory(tiny_data, tiny_weights, tm
     from transferkit.data.dataset import ImageDataset, make_loader
     from transferkit.transforms import build_eval_transform
 
-    table, _ = read_features(_extract(tiny_data, tiny_weights, tmp_path / "f.parquet", batch_size=32))
+    table, _ = read_features(extract_tiny(tiny_data, tiny_weights, tmp_path / "f.parquet", batch_size=32))
     model, data_config = build_feature_model(TINY_BACKBONE, weights=tiny_weights)
     model.train()
     loader = make_loader(ImageDataset([tiny_data / p for p in table.paths], list(table.label_index),
@@ -74,20 +69,20 @@ def test_compute_features_is_the_same_loop_in_memory(tiny_data, tiny_weights, tm
 
 
 def test_chunks_are_written_as_they_come(tiny_data, tiny_weights, tmp_path, monkeypatch):
-    out = _extract(tiny_data, tiny_weights, tmp_path / "f.parquet", batch_size=4, chunk_rows=5)
+    out = extract_tiny(tiny_data, tiny_weights, tmp_path / "f.parquet", batch_size=4, chunk_rows=5)
     row_groups = [pq.ParquetFile(out).metadata.row_group(i).num_rows for i in range(pq.ParquetFile(out).num_row_groups)]
     assert row_groups == [8, 8, 8]  # two batches of 4 reach 5 rows, then a row group is written
     writes = []
     original = _NpzSink._write
     monkeypatch.setattr(_NpzSink, "_write", lambda self, rows, vectors: writes.append(len(vectors)) or original(self, rows, vectors))
-    npz = _extract(tiny_data, tiny_weights, tmp_path / "f.npz", batch_size=4, chunk_rows=5)
+    npz = extract_tiny(tiny_data, tiny_weights, tmp_path / "f.npz", batch_size=4, chunk_rows=5)
     assert writes == [8, 8, 8]
     np.testing.assert_array_equal(read_features(npz)[0].vectors, read_features(out)[0].vectors)
 
 
 def test_npz_and_parquet_hold_the_same_rows(tiny_data3, tiny_weights, tmp_path):
-    a, meta_a = read_features(_extract(tiny_data3, tiny_weights, tmp_path / "f.parquet", batch_size=7))
-    b, meta_b = read_features(_extract(tiny_data3, tiny_weights, tmp_path / "f.npz", batch_size=7))
+    a, meta_a = read_features(extract_tiny(tiny_data3, tiny_weights, tmp_path / "f.parquet", batch_size=7))
+    b, meta_b = read_features(extract_tiny(tiny_data3, tiny_weights, tmp_path / "f.npz", batch_size=7))
     assert meta_a == meta_b
     for name in ("paths", "labels", "label_index", "splits", "vectors"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
@@ -95,31 +90,31 @@ def test_npz_and_parquet_hold_the_same_rows(tiny_data3, tiny_weights, tmp_path):
 
 
 def test_reuse_force_and_invalidation(tiny_data, tiny_weights, tmp_path):
-    out = _extract(tiny_data, tiny_weights, tmp_path / "f.parquet")
+    out = extract_tiny(tiny_data, tiny_weights, tmp_path / "f.parquet")
     stamp = out.stat().st_mtime_ns
-    _extract(tiny_data, tiny_weights, out)
+    extract_tiny(tiny_data, tiny_weights, out)
     assert out.stat().st_mtime_ns == stamp, "up-to-date output is reused"
-    _extract(tiny_data, tiny_weights, out, force=True)
+    extract_tiny(tiny_data, tiny_weights, out, force=True)
     assert out.stat().st_mtime_ns != stamp
     stamp = out.stat().st_mtime_ns
-    _extract(tiny_data, tiny_weights, out, pool="max")
+    extract_tiny(tiny_data, tiny_weights, out, pool="max")
     assert out.stat().st_mtime_ns != stamp and read_metadata(out)["pool"] == "max"
     make_image(tiny_data / "val" / "dog" / "new.png", (40, 200, 40), seed=99)
-    _extract(tiny_data, tiny_weights, out, pool="max")
+    extract_tiny(tiny_data, tiny_weights, out, pool="max")
     assert read_metadata(out)["rows"] == 25, "a changed dataset is re-extracted"
     assert not list(tmp_path.glob(".f.parquet*")), "no temp files left behind"
 
 
 def test_split_pooling_layer_and_dtype(tiny_data, tiny_weights, tmp_path):
-    val, _ = read_features(_extract(tiny_data, tiny_weights, tmp_path / "v.parquet", split="val"))
+    val, _ = read_features(extract_tiny(tiny_data, tiny_weights, tmp_path / "v.parquet", split="val"))
     assert len(val) == 8 and set(val.splits) == {"val"}
-    avg, _ = read_features(_extract(tiny_data, tiny_weights, tmp_path / "a.parquet"))
-    mx, _ = read_features(_extract(tiny_data, tiny_weights, tmp_path / "m.parquet", pool="max"))
+    avg, _ = read_features(extract_tiny(tiny_data, tiny_weights, tmp_path / "a.parquet"))
+    mx, _ = read_features(extract_tiny(tiny_data, tiny_weights, tmp_path / "m.parquet", pool="max"))
     assert mx.vectors.shape == avg.vectors.shape and not np.allclose(mx.vectors, avg.vectors)
     assert (mx.vectors >= avg.vectors - 1e-5).all(), "max pooling is never below average pooling"
-    mid, meta = read_features(_extract(tiny_data, tiny_weights, tmp_path / "l.parquet", layer="blocks.2"))
+    mid, meta = read_features(extract_tiny(tiny_data, tiny_weights, tmp_path / "l.parquet", layer="blocks.2"))
     assert mid.vectors.shape == (24, 32) and meta["layer"] == "blocks.2"  # feature_info: blocks.2 has 32 channels
-    half, meta = read_features(_extract(tiny_data, tiny_weights, tmp_path / "h.npz", dtype="float16"))
+    half, meta = read_features(extract_tiny(tiny_data, tiny_weights, tmp_path / "h.npz", dtype="float16"))
     assert meta["dtype"] == "float16"
     np.testing.assert_allclose(half.vectors, avg.vectors, rtol=2e-3, atol=2e-3)
 
@@ -152,7 +147,7 @@ def test_vit_token_and_avg_pooling():
 def test_bad_inputs_are_one_line_errors(tiny_data, tiny_weights, tmp_path, kwargs, message):
     out = tmp_path / kwargs.pop("out_name", "f.parquet")
     with pytest.raises(TransferkitError, match=message):
-        _extract(tiny_data, tiny_weights, out, **kwargs)
+        extract_tiny(tiny_data, tiny_weights, out, **kwargs)
     assert not out.exists()
 
 

@@ -12,6 +12,7 @@ from conftest import (
     SHARED_ROADS,
     SHARED_WEIGHTS,
     TINY_BACKBONE,
+    extract_tiny,
     requires_shared_roads,
     requires_shared_weights,
 )
@@ -22,10 +23,6 @@ from transferkit.cli import main
 from transferkit.errors import TransferkitError
 from transferkit.features import FeatureTable, extract_features, read_features
 from transferkit.heads import fit_head, load_head, parse_grid
-
-
-def _extract(data, weights, out, **kwargs):
-    return extract_features(TINY_BACKBONE, data, out, weights=weights, workers=0, device="cpu", **kwargs)
 
 
 @pytest.fixture
@@ -42,7 +39,7 @@ def other_weights(tiny_weights, tmp_path):
 
 
 def test_svm_cli_from_features_file(runner, tiny_data3, tiny_weights, tmp_path):
-    features = _extract(tiny_data3, tiny_weights, tmp_path / "f.parquet")
+    features = extract_tiny(tiny_data3, tiny_weights, tmp_path / "f.parquet")
     out = tmp_path / "model"
     result = runner.invoke(main, ["svm", "--features", str(features), "--model", "linear-svm", "--cv", "3",
                                   "--grid", "C=0.1,1", "--out", str(out), "--tracking-uri",
@@ -81,14 +78,14 @@ def test_svm_shortcut_model_predicts_images(runner, tiny_data, tiny_weights, tmp
 
 
 def test_features_from_other_weights_are_refused(tiny_data, tiny_weights, other_weights, tmp_path):
-    mine = _extract(tiny_data, tiny_weights, tmp_path / "mine.parquet")
+    mine = extract_tiny(tiny_data, tiny_weights, tmp_path / "mine.parquet")
     fit_head(mine, "logistic", cv=2, out=tmp_path / "model")
-    foreign = _extract(tiny_data, other_weights, tmp_path / "other.parquet")
+    foreign = extract_tiny(tiny_data, other_weights, tmp_path / "other.parquet")
     predictor = load_predictor(tmp_path / "model")
     with pytest.raises(TransferkitError, match="another model.*weights"):
         predictor.predict_proba_features(foreign)
     with pytest.raises(TransferkitError, match="another model.*pool"):
-        predictor.predict_proba_features(_extract(tiny_data, tiny_weights, tmp_path / "max.parquet", pool="max"))
+        predictor.predict_proba_features(extract_tiny(tiny_data, tiny_weights, tmp_path / "max.parquet", pool="max"))
     with pytest.raises(TransferkitError, match="pass the same --weights"):
         fit_head(mine, "logistic", cv=2, out=tmp_path / "model2", weights=other_weights)
 
@@ -140,6 +137,8 @@ def test_svm_cli_argument_errors(runner, tmp_path):
     assert result.exit_code == 2 and "error: missing --backbone and --data" in result.output
     result = runner.invoke(main, ["svm", "--features", "f.parquet", "--backbone", TINY_BACKBONE])
     assert result.exit_code == 2 and "either --features" in result.output
+    result = runner.invoke(main, ["svm", "--features", "f.parquet", "--pool", "max", "--tta", "hflip"])
+    assert result.exit_code == 2 and "--pool, --tta only apply when svm extracts" in result.output
 
 
 @requires_shared_weights

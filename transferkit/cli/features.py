@@ -90,6 +90,8 @@ def svm_cmd(features, backbone, data, head_model, cv, grid, out, track, tracking
 
     if features and (backbone or data):
         raise TransferkitError("pass either --features FILE or --backbone/--data, not both")
+    if features:
+        _refuse_extraction_options(options)
     if not features:
         _require(backbone=backbone, data=data)
     name = backbone or read_metadata(features)["backbone"]
@@ -122,6 +124,19 @@ def _track(result, feature_metadata, *, tracking_uri, experiment) -> None:
             tracker.log_evaluation(scores, prefix=split)
         uri = tracker.log_model(result.out / "model.safetensors")
     click.echo(f"MLflow run {tracker.run_id} (model {uri})")
+
+
+def _refuse_extraction_options(options) -> None:
+    """A features file already fixed pooling, TTA, resize... : say so rather than silently ignore the flags."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = [name for name in options
+             if name not in ("weights", "seed") and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise TransferkitError(f"{flags} only apply when svm extracts (--backbone/--data); "
+                               "the features file already fixed them: re-run `transferkit extract` to change them")
 
 
 def _require(**values) -> None:
