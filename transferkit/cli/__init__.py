@@ -15,6 +15,7 @@ from .. import __version__
 from ..errors import TransferkitError
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep a command's output to what it did
 
 
 class TransferkitGroup(click.Group):
