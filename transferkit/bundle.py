@@ -123,15 +123,11 @@ class Predictor:
 
     def predict_proba(self, images, batch_size: int = 32) -> np.ndarray:
         """Probabilities for uint8 HWC arrays or image paths, in order."""
-        from .data.decode import load_image
+        from .data.dataset import preprocessed_batches
 
-        transform = self.eval_transform()
         short_side = working_short_side(self.data_config, self.resize_mode)  # the same draft decode as validation
-        out = []
-        for start in range(0, len(images), batch_size):
-            chunk = [load_image(im, short_side) if isinstance(im, (str, os.PathLike)) else im for im in images[start:start + batch_size]]
-            batch = torch.stack([transform(image=np.asarray(im, dtype=np.uint8))["image"] for im in chunk])
-            out.append(self.predict_proba_tensor(batch))
+        out = [self.predict_proba_tensor(batch)
+               for batch in preprocessed_batches(list(images), self.eval_transform(), batch_size, short_side)]
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
 
 

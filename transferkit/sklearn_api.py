@@ -97,14 +97,10 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         return tags
 
     def _batches(self, images: list) -> Iterator[tuple]:
-        import torch
+        from .data.dataset import preprocessed_batches
 
-        from .data.decode import load_image
-
-        for start in range(0, len(images), int(self.batch_size)):
-            decoded = [load_image(im, self.min_short_side_) if isinstance(im, (str, os.PathLike)) else _uint8_rgb(im)
-                       for im in images[start:start + int(self.batch_size)]]
-            yield torch.stack([self.transform_(image=im)["image"] for im in decoded]), np.full(len(decoded), -1)
+        for batch in preprocessed_batches(images, self.transform_, int(self.batch_size), self.min_short_side_):
+            yield batch, np.full(len(batch), -1)
 
     def _check_params(self) -> None:
         from .features import POOLS, TTA_MODES
@@ -125,11 +121,3 @@ def _as_image_list(X) -> list:
         raise TransferkitError("FeatureExtractor.transform takes a list of images; wrap a single HxWx3 array in a list")
     return list(X)
 
-
-def _uint8_rgb(image) -> np.ndarray:
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
-        raise TransferkitError(
-            f"FeatureExtractor takes image paths or HxWx3 uint8 RGB arrays, got an array {array.dtype} {array.shape}"
-        )
-    return np.ascontiguousarray(array)

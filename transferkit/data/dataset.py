@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from ..errors import TransferkitError
 from .cache import DecodedImageCache
 from .decode import load_image
 
@@ -81,3 +83,24 @@ def _reseed_worker(worker_id: int) -> None:
     reseed = getattr(get_worker_info().dataset, "reseed", None)
     if reseed is not None:
         reseed(torch.initial_seed())
+
+
+def preprocessed_batches(images: Sequence, transform: Callable, batch_size: int,
+                         min_short_side: int | None = None) -> Iterator[torch.Tensor]:
+    """Image paths or HxWx3 uint8 RGB arrays → batches of preprocessed tensors, in order, in this process.
+
+    For in-memory inputs (a notebook, the MLflow model) where a DataLoader's workers do not pay off.
+    """
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        decoded = [load_image(im, min_short_side) if isinstance(im, (str, os.PathLike)) else as_rgb_array(im)
+                   for im in chunk]
+        yield torch.stack([transform(image=im)["image"] for im in decoded])
+
+
+def as_rgb_array(image) -> np.ndarray:
+    """An in-memory image, checked rather than silently cast: a float or grayscale array is a caller's mistake."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+        raise TransferkitError(f"images must be paths or HxWx3 uint8 RGB arrays, got an array {array.dtype} {array.shape}")
+    return np.ascontiguousarray(array)
