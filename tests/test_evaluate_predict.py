@@ -77,6 +77,7 @@ def test_evaluate_mlflow_model_uri_and_tracking(runner, tiny_classifier, tiny_da
     assert run.data.metrics["val_accuracy"] == pytest.approx(local["accuracy"])
     assert run.data.metrics["val_macro_f1"] == pytest.approx(local["macro_f1"])
     assert run.data.tags["command"] == "evaluate" and run.data.params["split"] == "val"
+    assert MlflowClient(uri).get_experiment(run.info.experiment_id).name == tiny_data.name  # beside its training runs
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run_id, "val")}
     assert {"val/confusion_matrix.png", "val/errors.png", "val/reliability.png"} <= artifacts
 

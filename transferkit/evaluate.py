@@ -156,7 +156,7 @@ def _output_folder(out, track: bool) -> Iterator[Path | None]:
 def _track(result: dict, folder: Path | None, predictor, index, *, track: bool, tracking_uri, experiment) -> None:
     if not track:
         return
-    from .tracking import start_run
+    from .tracking import default_experiment_name, start_run
 
     meta = predictor.metadata
     params = {
@@ -164,7 +164,7 @@ def _track(result: dict, folder: Path | None, predictor, index, *, track: bool, 
         "data": result["data"], "data_fingerprint": index.fingerprint(), "split": result["split"],
         "tta": result["tta"], "n_images": result["n"], "n_skipped": len(result["skipped"]),
     }
-    with start_run("evaluate", tracking_uri=tracking_uri, experiment=experiment,
+    with start_run("evaluate", tracking_uri=tracking_uri, experiment=experiment or default_experiment_name(result["data"]),
                    params=params, system_metrics=False) as tracker:
         tracker.log_evaluation(result, prefix=result["split"], artifacts_dir=folder)
         result["mlflow_run_id"] = tracker.run_id

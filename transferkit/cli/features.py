@@ -10,7 +10,7 @@ import click
 from ..errors import TransferkitError
 from ..features import DTYPES, POOLS, SPLIT_CHOICES, TTA_MODES  # light: numpy only
 from . import main
-from .options import weights_options
+from .options import tracking_options, weights_options
 
 HEAD_MODELS = ("linear-svm", "rbf-svm", "logistic")  # = heads.HEAD_MODELS (heads imports torch)
 RESIZE_MODES = ("crop", "squash", "letterbox")  # = transforms.RESIZE_MODES (transforms imports cv2)
@@ -77,9 +77,7 @@ def extract_cmd(backbone, data, out, **options):
 @click.option("--grid", default=None, help="Search space, e.g. 'C=0.01,0.1,1' or 'C=1,10;gamma=scale,0.01'.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Model folder [default: runs/svm-<backbone>-<model>].")
-@click.option("--track/--no-track", default=True, show_default=True, help="Log the run and the model to MLflow.")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
-@click.option("--experiment", default=None, help="MLflow experiment name [default: the dataset folder's name].")
+@tracking_options
 def svm_cmd(features, backbone, data, head_model, cv, grid, out, track, tracking_uri, experiment, **options):
     """Fit an SVM / logistic head on frozen features and save it as a model for predict/evaluate.
 

@@ -22,3 +22,17 @@ def weights_options(func):
         return func(*args, **kwargs)
 
     return wrapper
+
+
+def tracking_options(func):
+    """--track/--no-track, --tracking-uri, --experiment for the commands that log one MLflow run."""
+
+    @click.option("--track/--no-track", default=True, show_default=True, help="Log the run to MLflow.")
+    @click.option("--tracking-uri", default=None,
+                  help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
+    @click.option("--experiment", default=None, help="MLflow experiment name [default: the dataset folder's name].")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper

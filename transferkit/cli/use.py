@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from . import main
+from .options import tracking_options
 
 TTA_HELP = "Test-time augmentation, probabilities averaged over the views: none, hflip, five-crop, ten-crop."
 
@@ -45,9 +46,7 @@ def inference_options(func):
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for metrics.json, predictions.csv, confusion matrices, reliability diagram, error gallery.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full metrics as JSON.")
-@click.option("--track/--no-track", default=True, show_default=True, help="Log the evaluation to MLflow.")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
-@click.option("--experiment", default=None, help="MLflow experiment name.")
+@tracking_options
 def evaluate(model_spec, data, split, tta, batch_size, device, workers, out, as_json, track, tracking_uri, experiment):
     """Accuracy, balanced accuracy, macro-F1, top-k, per-class report, confusion matrix, calibration (ECE)
     and the most confident errors of a trained model on labelled data."""
