@@ -82,6 +82,7 @@ class _Run:
         self.state = checkpoint.load_state(Path(resume)) if resume is not None else None
         seed_everything(config.seed)
         self.index = self._discover()
+        self.fingerprint = self.index.fingerprint()  # stats every file: once per run, not per checkpoint
         self.classes = self.index.classes
         self.model, self.data_config = self._load_model()
         self.run_dir = self._run_dir(resume)
@@ -185,7 +186,7 @@ class _Run:
             "finetune", enabled=config.track and distributed.is_main(), tracking_uri=config.tracking_uri,
             experiment=config.experiment or default_experiment_name(config.data), run_name=self.run_dir.name,
             tags=run_tags(backbone=config.backbone, strategy=config.strategy,
-                          dataset_fingerprint=self.index.fingerprint(), recipe=self.recipe),
+                          dataset_fingerprint=self.fingerprint, recipe=self.recipe),
             params=config.to_dict(),
         ) as tracker:
             self.tracker = tracker
@@ -486,7 +487,7 @@ class _Run:
         metadata = checkpoint_metadata(
             self.model, kind="classifier", class_names=self.classes, data_config=self.data_config,
             resize_mode=self.config.resize_mode, recipe=self.config.to_dict(), split=self.index.records(),
-            epoch=epoch + 1, metrics=self.history[-1], dataset_fingerprint=self.index.fingerprint(),
+            epoch=epoch + 1, metrics=self.history[-1], dataset_fingerprint=self.fingerprint,
         )
         save_checkpoint(self.run_dir / stem, self.model, metadata)
 
