@@ -49,8 +49,8 @@ def extraction_vs_bare_forward(data: Path, out: Path, batch_size: int, rounds: i
     import torch
 
     from transferkit.data import discover, load_image
-    from transferkit.features import build_feature_model, extract_features
-    from transferkit.transforms import build_eval_transform, working_short_side
+    from transferkit.features.extract import build_feature_model, extract_features
+    from transferkit.models.preprocessing import build_eval_transform, working_short_side
 
     model, data_config = build_feature_model(BACKBONE, weights=WEIGHTS)
     model.eval()
@@ -90,8 +90,8 @@ def svm_vs_extract(data: Path, work: Path, rounds: int) -> dict:
 
 
 def head_accuracies(work: Path) -> dict:
-    from transferkit.features import extract_features
-    from transferkit.heads import HEAD_MODELS, fit_head
+    from transferkit.features.classical_heads import HEAD_MODELS, fit_head
+    from transferkit.features.extract import extract_features
 
     features = extract_features(BACKBONE, ROADS, work / "roads.parquet", weights=WEIGHTS, device="cpu")
     result = {}
@@ -106,7 +106,7 @@ def peak_rss(data: Path, out: Path) -> dict:
     """One extraction in a fresh process: its own peak RSS (VmHWM, which exec resets; getrusage's ru_maxrss
     would carry this parent's peak over) and that of its largest DataLoader worker."""
     code = ("import json, resource, sys\n"
-            "from transferkit.features import extract_features\n"
+            "from transferkit.features.extract import extract_features\n"
             f"extract_features({BACKBONE!r}, sys.argv[1], sys.argv[2], weights={str(WEIGHTS)!r}, device='cpu')\n"
             "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
             "print(json.dumps({'main_mib': int(hwm.split()[1]) / 1024,\n"

@@ -29,8 +29,8 @@ METHODS = ("linear-probe", "freeze-unfreeze", "full", "peer")
 
 
 def run_transferkit(strategy: str, args, out: Path) -> dict:
-    from transferkit.config import resolve_config
     from transferkit.train import finetune
+    from transferkit.train.config import resolve_config
 
     config = resolve_config(None, {
         "backbone": BACKBONE, "weights": str(WEIGHTS), "data": str(ROADS), "strategy": strategy,

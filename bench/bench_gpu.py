@@ -1,7 +1,7 @@
 """GPU fast path: training and feature-extraction images/s for resnet50 and tf_efficientnet_lite0.
 
 Grid: batch 64 / 128 x AMP on/off (bf16 where supported, else fp16 with a grad scaler, as
-transferkit.runtime picks) x channels_last on/off, on synthetic 224 px tensors already on the GPU (so
+transferkit.core.runtime picks) x channels_last on/off, on synthetic 224 px tensors already on the GPU (so
 the number is the model's, not the input pipeline's). Weights are random (throughput does not depend
 on them). Training = forward + cross-entropy + backward + AdamW step; extraction = pooled pre-logits
 features under inference_mode. Compare with timm's published benchmark CSVs for the same GPU class
@@ -26,7 +26,7 @@ def bench_one(name: str, batch: int, amp: bool, channels_last: bool, mode: str, 
     import timm
     import torch
 
-    from transferkit.runtime import amp_dtype
+    from transferkit.core.runtime import amp_dtype
 
     model = timm.create_model(name, pretrained=False, num_classes=1000).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

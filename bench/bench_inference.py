@@ -39,12 +39,13 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from transferkit.backbones import load_backbone
-    from transferkit.bundle import checkpoint_metadata, load_predictor, save_checkpoint
     from transferkit.data import discover, load_image
-    from transferkit.explain import explain
-    from transferkit.export import check_batch, export
-    from transferkit.predict import predict_paths
+    from transferkit.models.backbones import load_backbone
+    from transferkit.models.predictors import load_predictor
+    from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
+    from transferkit.use.explain import explain
+    from transferkit.use.export import check_batch, export
+    from transferkit.use.predict import predict_paths
 
     torch.manual_seed(0)
     index = discover(ROADS, val_ratio=0)

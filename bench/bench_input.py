@@ -98,10 +98,10 @@ def build_loader(pipeline: str, root: Path, batch_size: int, workers: int, repea
     from timm.data import create_transform, resolve_data_config
     from torchvision.datasets import ImageFolder
 
-    from transferkit.backbones import load_backbone
     from transferkit.data.cache import build_cache
     from transferkit.data.dataset import ImageDataset, make_loader
-    from transferkit.transforms import build_eval_transform, working_short_side
+    from transferkit.models.backbones import load_backbone
+    from transferkit.models.preprocessing import build_eval_transform, working_short_side
 
     if pipeline.startswith("a_"):
         model = timm.create_model(BACKBONE, pretrained=False)

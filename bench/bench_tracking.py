@@ -59,10 +59,11 @@ def main() -> None:
     import numpy as np
     import pandas as pd
 
-    from transferkit.backbones import load_backbone
-    from transferkit.bundle import checkpoint_metadata, load_predictor, save_checkpoint
     from transferkit.data import discover, load_image
-    from transferkit.tracking import start_run
+    from transferkit.models.backbones import load_backbone
+    from transferkit.models.predictors import load_predictor
+    from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
+    from transferkit.tracking.runs import start_run
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"

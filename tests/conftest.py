@@ -98,10 +98,10 @@ def tiny_classifier(tmp_path_factory, tiny_weights) -> Path:
     """
     import torch
 
-    from transferkit.backbones import load_backbone
-    from transferkit.bundle import checkpoint_metadata, save_checkpoint
     from transferkit.data import load_image
-    from transferkit.transforms import build_eval_transform
+    from transferkit.models.backbones import load_backbone
+    from transferkit.models.preprocessing import build_eval_transform
+    from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
 
     torch.manual_seed(0)
     data = make_dataset(tmp_path_factory.mktemp("classifier_data"), classes=("cat", "dog"), per_class=6)
@@ -206,6 +206,6 @@ def mlflow_server(tmp_path_factory):
 
 def extract_tiny(data, weights, out, **kwargs):
     """Features of the tiny backbone, in-process and on CPU (no loader workers), for fast tests."""
-    from transferkit.features import extract_features
+    from transferkit.features.extract import extract_features
 
     return extract_features(TINY_BACKBONE, data, out, weights=weights, workers=0, device="cpu", **kwargs)

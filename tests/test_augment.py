@@ -9,7 +9,7 @@ import torch
 import yaml
 from PIL import Image
 
-from transferkit.augment import (
+from transferkit.data.augment import (
     AUG_PRESETS,
     TTA_MODES,
     build_train_transform,
@@ -20,7 +20,7 @@ from transferkit.augment import (
     tta_predict_proba,
 )
 from transferkit.errors import TransferkitError
-from transferkit.transforms import build_eval_transform
+from transferkit.models.preprocessing import build_eval_transform
 
 # Deliberately not ImageNet statistics and not square, so a hard-coded mean/std or size would show.
 CONFIG = {"input_size": [3, 48, 64], "interpolation": "bicubic", "mean": [0.2, 0.4, 0.6], "std": [0.1, 0.2, 0.3],
@@ -153,8 +153,9 @@ def test_tta_predict_proba_averages_views():
 
 
 def test_eval_preprocessing_equals_the_saved_models(tmp_path, tiny_weights, photo):
-    from transferkit.backbones import load_backbone
-    from transferkit.bundle import checkpoint_metadata, load_predictor, save_checkpoint
+    from transferkit.models.backbones import load_backbone
+    from transferkit.models.predictors import load_predictor
+    from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
 
     model, data_config = load_backbone("test_efficientnet", weights=tiny_weights, num_classes=2)
     for resize_mode in ("crop", "letterbox"):

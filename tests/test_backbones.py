@@ -11,10 +11,10 @@ import torch
 from conftest import SHARED_PHOTOS, SHARED_WEIGHTS, TINY_BACKBONE, TINY_IMG, requires_shared_weights
 from safetensors.torch import save_file
 
-from transferkit.backbones import backbone_identity, backbone_info, load_backbone
 from transferkit.data import load_image
 from transferkit.errors import TransferkitError
-from transferkit.transforms import build_eval_transform, working_short_side
+from transferkit.models.backbones import backbone_identity, backbone_info, load_backbone
+from transferkit.models.preprocessing import build_eval_transform, working_short_side
 
 
 def test_local_safetensors_loads_exact_weights_and_sidecar_config(tiny_weights):

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from test_finetune import one_torch_thread  # noqa: F401  (autouse fixture)
 
-from transferkit.config import TrainConfig, resolve_config, resume_config
 from transferkit.errors import TransferkitError
+from transferkit.train.config import TrainConfig, resolve_config, resume_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 

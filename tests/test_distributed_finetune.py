@@ -18,7 +18,7 @@ import pytest
 from test_finetune import config_for, one_torch_thread, read_metrics  # noqa: F401,I001  (autouse fixture; tests/ on sys.path)
 
 from transferkit.train import finetune
-from transferkit.train.checkpoint import COMPLETE_FILE
+from transferkit.train.resume_state import COMPLETE_FILE
 
 
 def free_port() -> int:

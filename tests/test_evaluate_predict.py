@@ -15,8 +15,8 @@ from sklearn import metrics
 
 from transferkit.cli import main
 from transferkit.errors import TransferkitError
-from transferkit.evaluate import evaluate
-from transferkit.predict import predict
+from transferkit.use.evaluate import evaluate
+from transferkit.use.predict import predict
 
 
 def _probabilities(rows, class_names=("cat", "dog")):
@@ -60,7 +60,7 @@ def test_evaluate_mlflow_model_uri_and_tracking(runner, tiny_classifier, tiny_da
     """A runs:/ model URI evaluates like its folder, and the evaluation is logged as its own MLflow run."""
     from mlflow import MlflowClient
 
-    from transferkit.tracking import start_run
+    from transferkit.tracking.runs import start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -152,8 +152,8 @@ def test_predict_prints_table_for_files_and_globs(runner, tiny_classifier, tiny_
 
 def test_predict_tta_hflip_averages_the_mirror(tiny_classifier, tiny_data):
     """Across batches, each row is the mean of the model's probabilities on the eval view and its mirror."""
-    from transferkit.bundle import load_predictor
     from transferkit.data import load_image
+    from transferkit.models.predictors import load_predictor
 
     paths = sorted((tiny_data / "val").rglob("*.png"))[:5]
     tta = _probabilities(predict(tiny_classifier, paths, topk=2, tta="hflip", batch_size=2, workers=0))

@@ -8,7 +8,7 @@ from PIL import Image
 from sklearn import metrics
 
 from transferkit.errors import TransferkitError
-from transferkit.evaluation import (
+from transferkit.reports.metrics import (
     calibration_bins,
     classification_metrics,
     expected_calibration_error,
@@ -110,7 +110,7 @@ def _png_size(path):
 def test_plots_write_pngs_atomically(tmp_path):
     import torch
 
-    from transferkit import plots
+    from transferkit.reports import plots
 
     y, probs = _random_predictions(classes=3)
     cm = metrics.confusion_matrix(y, probs.argmax(1))

@@ -10,7 +10,7 @@ from PIL import Image
 
 from transferkit.cli import main
 from transferkit.errors import TransferkitError
-from transferkit.explain import default_target_layer, explain
+from transferkit.use.explain import default_target_layer, explain
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++"])

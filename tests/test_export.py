@@ -11,14 +11,14 @@ from conftest import SHARED_PHOTOS, SHARED_WEIGHTS, requires_shared_weights
 
 from transferkit.cli import main
 from transferkit.errors import TransferkitError
-from transferkit.export import export, sidecar_path
-from transferkit.predict import predict
+from transferkit.use.export import export, sidecar_path
+from transferkit.use.predict import predict
 
 
 def _preprocess_like_a_deployment(sidecar: dict, paths) -> np.ndarray:
     """What a consumer of the export does: rebuild the eval transform from the JSON alone."""
     from transferkit.data import load_image
-    from transferkit.transforms import build_eval_transform
+    from transferkit.models.preprocessing import build_eval_transform
 
     transform = build_eval_transform(sidecar["data_config"], sidecar["resize_mode"])
     return torch.stack([transform(image=load_image(p))["image"] for p in paths]).numpy()
@@ -58,7 +58,7 @@ def test_torchscript_export_parity(tiny_classifier, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = torch.jit.load(str(out))
-    from transferkit.bundle import load_predictor
+    from transferkit.models.predictors import load_predictor
 
     model = load_predictor(tiny_classifier).model
     x = torch.randn(3, 3, 64, 64)
@@ -76,7 +76,7 @@ def test_export_default_out_is_beside_the_checkpoint(tiny_classifier):
 
 
 def test_failed_parity_writes_nothing(tiny_classifier, tmp_path, monkeypatch):
-    import transferkit.export as export_module
+    import transferkit.use.export as export_module
 
     monkeypatch.setattr(export_module, "PARITY_TOLERANCE", -1.0)
     with pytest.raises(TransferkitError, match="does not match torch"):
@@ -87,8 +87,8 @@ def test_failed_parity_writes_nothing(tiny_classifier, tmp_path, monkeypatch):
 def test_svm_model_cannot_be_exported(runner, tiny_weights, tmp_path):
     from conftest import TINY_BACKBONE
 
-    from transferkit.backbones import load_backbone
-    from transferkit.bundle import checkpoint_metadata, save_checkpoint
+    from transferkit.models.backbones import load_backbone
+    from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
 
     model, data_config = load_backbone(TINY_BACKBONE, weights=tiny_weights, num_classes=0)
     save_checkpoint(tmp_path / "svm" / "model", model,
@@ -115,8 +115,8 @@ def test_real_lite0_imagenet_model_predicts_and_exports(runner, tmp_path):
     """The real ImageNet lite0 as a transferkit classifier: sane top-5 on the sanity photos, ONNX parity on them."""
     from timm.data import ImageNetInfo
 
-    from transferkit.backbones import load_backbone
-    from transferkit.bundle import checkpoint_metadata, save_checkpoint
+    from transferkit.models.backbones import load_backbone
+    from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
 
     model, data_config = load_backbone("tf_efficientnet_lite0", weights=SHARED_WEIGHTS / "tf_efficientnet_lite0.safetensors")
     info = ImageNetInfo()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from conftest import TINY_BACKBONE
 
-from transferkit.features import extract_features, read_features
+from transferkit.features.extract import extract_features, read_features
 
 
 def _free_port() -> int:

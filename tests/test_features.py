@@ -9,9 +9,10 @@ import torch
 from conftest import TINY_BACKBONE, TINY_IMG, extract_tiny, make_image
 
 from transferkit.cli import main
+from transferkit.core.fileio import sha256_file
 from transferkit.data import discover
 from transferkit.errors import TransferkitError
-from transferkit.features import (
+from transferkit.features.extract import (
     _NpzSink,
     build_feature_model,
     compute_features,
@@ -19,12 +20,11 @@ from transferkit.features import (
     read_features,
     read_metadata,
 )
-from transferkit.fileio import sha256_file
 
 
 def _preprocessed(paths, data_config):
     from transferkit.data.decode import load_image
-    from transferkit.transforms import build_eval_transform
+    from transferkit.models.preprocessing import build_eval_transform
 
     transform = build_eval_transform(data_config)
     return torch.stack([transform(image=load_image(p))["image"] for p in paths])
@@ -55,7 +55,7 @@ def test_parquet_schema_metadata_and_vectors(tiny_data, tiny_weights, tmp_path):
 
 def test_compute_features_is_the_same_loop_in_memory(tiny_data, tiny_weights, tmp_path):
     from transferkit.data.dataset import ImageDataset, make_loader
-    from transferkit.transforms import build_eval_transform
+    from transferkit.models.preprocessing import build_eval_transform
 
     table, _ = read_features(extract_tiny(tiny_data, tiny_weights, tmp_path / "f.parquet", batch_size=32))
     model, data_config = build_feature_model(TINY_BACKBONE, weights=tiny_weights)
@@ -173,7 +173,8 @@ def test_extract_cli(runner, tiny_data, tiny_weights, tmp_path):
 
 
 def test_cli_choices_match_the_library():
-    from transferkit import heads, transforms
     from transferkit.cli import features as cli
+    from transferkit.features import classical_heads
+    from transferkit.models import preprocessing
 
-    assert cli.HEAD_MODELS == heads.HEAD_MODELS and cli.RESIZE_MODES == transforms.RESIZE_MODES
+    assert cli.HEAD_MODELS == classical_heads.HEAD_MODELS and cli.RESIZE_MODES == preprocessing.RESIZE_MODES

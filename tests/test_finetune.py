@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from transferkit.cli import main
-from transferkit.config import resolve_config
 from transferkit.train import finetune
+from transferkit.train.config import resolve_config
 from transferkit.train.engine import METRIC_COLUMNS, TIMING_COLUMNS
 
 BACKBONE = "test_efficientnet"
@@ -53,7 +53,7 @@ STRATEGY_EPOCHS = {"linear-probe": 1, "full": 1, "freeze-unfreeze": 2, "discrimi
 
 @pytest.mark.parametrize("strategy", list(STRATEGY_EPOCHS))
 def test_every_strategy_trains_a_loadable_classifier(runner, tiny_data, tiny_weights, tmp_path, strategy):
-    from transferkit.bundle import load_predictor
+    from transferkit.models.predictors import load_predictor
 
     epochs = STRATEGY_EPOCHS[strategy]
     result = run_cli(runner, tiny_data, tiny_weights, tmp_path / "runs", "--strategy", strategy, "--epochs", str(epochs),

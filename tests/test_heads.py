@@ -18,11 +18,11 @@ from conftest import (
 )
 from safetensors.torch import save_file
 
-from transferkit.bundle import load_predictor
 from transferkit.cli import main
 from transferkit.errors import TransferkitError
-from transferkit.features import FeatureTable, extract_features, read_features
-from transferkit.heads import fit_head, load_head, parse_grid
+from transferkit.features.classical_heads import fit_head, load_head, parse_grid
+from transferkit.features.extract import FeatureTable, extract_features, read_features
+from transferkit.models.predictors import load_predictor
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from transferkit.augment import build_train_transform
+from transferkit.data.augment import build_train_transform
 from transferkit.data.cache import CACHE_MODES, DiskCache, MemoryCache, build_cache, decode_working
 from transferkit.data.dataset import ImageDataset, make_loader
 from transferkit.data.decode import load_image
 from transferkit.errors import TransferkitError
-from transferkit.transforms import build_eval_transform, working_short_side
+from transferkit.models.preprocessing import build_eval_transform, working_short_side
 
 CONFIG = {"input_size": [3, 64, 64], "interpolation": "bicubic", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
           "crop_pct": 0.875, "crop_mode": "center"}
@@ -181,7 +181,7 @@ def test_make_loader_defaults_and_overrides(jpegs):
 
 
 def test_dataset_batches_tta_views(jpegs):
-    from transferkit.augment import build_tta_transform
+    from transferkit.data.augment import build_tta_transform
 
     dataset = ImageDataset(jpegs, [0, 1, 0], build_tta_transform(CONFIG, "crop", "ten-crop"), min_short_side=SHORT)
     views, labels = next(iter(make_loader(dataset, 3, workers=0)))

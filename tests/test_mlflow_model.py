@@ -24,7 +24,7 @@ from conftest import (
 from mlflow import MlflowClient
 
 from transferkit.cli import main
-from transferkit.tracking import start_run
+from transferkit.tracking.runs import start_run
 
 CLASSES = ["cat", "dog"]
 REGISTERED = "tiny-classifier"
@@ -32,8 +32,8 @@ REGISTERED = "tiny-classifier"
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_weights):
-    from transferkit.backbones import load_backbone
-    from transferkit.bundle import checkpoint_metadata, save_checkpoint
+    from transferkit.models.backbones import load_backbone
+    from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
 
     model, data_config = load_backbone(TINY_BACKBONE, weights=tiny_weights, num_classes=2)
     metadata = checkpoint_metadata(model, kind="classifier", class_names=CLASSES, data_config=data_config)
@@ -73,7 +73,7 @@ def images(tmp_path_factory):
 
 
 def _probabilities(model, images):
-    from transferkit.bundle import load_predictor
+    from transferkit.models.predictors import load_predictor
 
     return load_predictor(model).predict_proba([str(p) for p in images])
 
@@ -89,8 +89,7 @@ def _server_env(mlflow_server):
 
 
 def test_log_model_returns_runs_uri_and_registers(mlflow_server, logged, checkpoint, monkeypatch):
-    from transferkit.backbones import read_checkpoint_metadata
-    from transferkit.bundle import find_checkpoint
+    from transferkit.models.saved_model import find_checkpoint, read_checkpoint_metadata
 
     uri, run_id = logged
     assert uri == f"runs:/{run_id}/model"
@@ -115,8 +114,8 @@ def test_model_has_signature_example_and_no_pickle(mlflow_server, logged, monkey
     folder = mlflow.artifacts.download_artifacts(logged[0], dst_path=str(tmp_path))
     files = {os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names}
     assert not any(f.endswith((".pkl", ".pickle", ".pt", ".pth")) for f in files), files
-    assert {"MLmodel", "mlflow_model.py", "serving_input_example.json", "artifacts/model/model.safetensors",
-            "code/transferkit/bundle.py"} <= files
+    assert {"MLmodel", "pyfunc_model.py", "serving_input_example.json", "artifacts/model/model.safetensors",
+            "code/transferkit/models/saved_model.py"} <= files
 
 
 PREDICT_SCRIPT = """
@@ -159,7 +158,7 @@ def test_pyfunc_predicts_bytes_base64_and_arrays_in_a_fresh_process(mlflow_serve
 
 
 def test_svm_model_carries_its_head(mlflow_server, logged_svm, svm_folder, monkeypatch):
-    from transferkit.bundle import find_checkpoint
+    from transferkit.models.saved_model import find_checkpoint
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     found = find_checkpoint(logged_svm)
@@ -170,7 +169,7 @@ def test_decode_image_accepts_every_documented_form(images):
     from PIL import Image
 
     from transferkit.errors import TransferkitError
-    from transferkit.mlflow_model import decode_image
+    from transferkit.tracking.pyfunc_model import decode_image
 
     raw = images[0].read_bytes()
     reference = np.asarray(Image.open(images[0]).convert("RGB"))
@@ -188,7 +187,7 @@ def test_decode_image_accepts_every_documented_form(images):
 
 
 def test_predictions_frame_top_k_is_capped_by_the_classes():
-    from transferkit.mlflow_model import predictions_frame
+    from transferkit.tracking.pyfunc_model import predictions_frame
 
     frame = predictions_frame(np.array([[0.1, 0.7, 0.2]]), ["a", "b", "c"], top_k=10)
     assert frame.to_dict(orient="records") == [

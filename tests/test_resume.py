@@ -7,7 +7,7 @@ from test_finetune import config_for, one_torch_thread, read_metrics  # noqa: F4
 
 from transferkit.cli import main
 from transferkit.train import engine, finetune
-from transferkit.train.checkpoint import COMPLETE_FILE
+from transferkit.train.resume_state import COMPLETE_FILE
 
 
 class Crash(KeyboardInterrupt):

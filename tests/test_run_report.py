@@ -14,7 +14,7 @@ from conftest import TINY_BACKBONE, make_dataset
 
 from transferkit.cli import main
 from transferkit.errors import TransferkitError
-from transferkit.evaluate import evaluate
+from transferkit.use.evaluate import evaluate
 
 CLASSES = ("cat", "dog", "fox")
 

@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-from transferkit import runtime
+from transferkit.core import runtime
 from transferkit.errors import TransferkitError
 
 

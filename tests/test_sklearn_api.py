@@ -15,7 +15,7 @@ from sklearn.utils import estimator_checks
 import transferkit
 from transferkit.data import discover, load_image
 from transferkit.errors import TransferkitError
-from transferkit.sklearn_api import FeatureExtractor
+from transferkit.features.sklearn_api import FeatureExtractor
 
 # The checks about the estimator object itself; the ones that feed numeric 2-D X do not apply (see module doc).
 OBJECT_CHECKS = (

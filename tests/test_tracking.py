@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 from transferkit import __version__
 from transferkit.errors import TransferkitError
-from transferkit.tracking import (
+from transferkit.tracking.runs import (
     LONG_PARAMS_ARTIFACT,
     MAX_PARAM_VALUE,
     default_experiment_name,
@@ -79,7 +79,7 @@ def _git_recipe(folder):
 
 def test_run_params_metrics_artifacts_round_trip(mlflow_server, tiny_data, tmp_path):
     from transferkit.data import discover
-    from transferkit.evaluation import classification_metrics
+    from transferkit.reports.metrics import classification_metrics
 
     recipe, head = _git_recipe(tmp_path / "recipes")
     classes = [f"class_{i:04d}" for i in range(1000)]  # as JSON: far over MLflow's 6000-character limit

@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from transferkit.cli import main
-from transferkit.tracking import start_run
+from transferkit.tracking.runs import start_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 requires_chromium = pytest.mark.skipif(
@@ -58,8 +58,8 @@ def _chromium(url: str, profile, *, screenshot=None) -> str:
 @requires_chromium
 @pytest.mark.timeout(300)
 def test_reviewer_sees_run_metric_and_confusion_matrix(mlflow_server, tmp_path):
-    from transferkit.evaluation import classification_metrics
-    from transferkit.plots import confusion_matrix_png
+    from transferkit.reports.metrics import classification_metrics
+    from transferkit.reports.plots import confusion_matrix_png
 
     metrics = classification_metrics(np.array([0, 0, 1, 1]), np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7]]),
                                      ["cat", "dog"])

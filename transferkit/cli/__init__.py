@@ -11,8 +11,8 @@ import os
 
 import click
 
-from .. import __version__
-from ..errors import TransferkitError
+from transferkit import __version__
+from transferkit.errors import TransferkitError
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep a command's output to what it did
@@ -36,4 +36,4 @@ def main():
     every run tracked in MLflow."""
 
 
-from . import augment, backbones, data, features, finetune, ui, use  # noqa: E402,F401  (command registration)
+from transferkit.cli import augment, backbones, data, features, finetune, ui, use  # noqa: E402,F401  (command registration)

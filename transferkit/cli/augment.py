@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from . import main
-from .options import weights_options
+from transferkit.cli import main
+from transferkit.cli.options import weights_options
 
 AUG_PRESETS = ("none", "light", "medium", "heavy")  # = augment.AUG_PRESETS (augment imports torch)
 RESIZE_MODES = ("crop", "squash", "letterbox")  # = transforms.RESIZE_MODES (transforms imports cv2)
@@ -34,8 +34,8 @@ def preview_cmd(data, aug, count, seed, out, backbone, weights, weights_config, 
     Only the backbone's preprocessing (size, interpolation, mean/std) is read, from timm or from
     --weights / --weights-config; no weights are downloaded, so --pretrained makes no difference.
     """
-    from ..augment import preview_grid
-    from ..backbones import load_backbone
+    from transferkit.data.augment import preview_grid
+    from transferkit.models.backbones import load_backbone
 
     _, data_config = load_backbone(
         backbone, weights=weights, pretrained=False, weights_config=weights_config,
@@ -50,7 +50,7 @@ def preview_cmd(data, aug, count, seed, out, backbone, weights, weights_config, 
 @click.argument("aug")
 def show_cmd(aug):
     """Print the YAML of a preset (or check a file): copy it as the start of your own --aug file."""
-    from ..augment import load_augmentation, preset_path
+    from transferkit.data.augment import load_augmentation, preset_path
 
     load_augmentation(aug)  # a file that does not load fails here, with the reason
     path = preset_path(aug)

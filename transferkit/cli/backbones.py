@@ -6,8 +6,8 @@ import json
 
 import click
 
-from . import main
-from .options import weights_options
+from transferkit.cli import main
+from transferkit.cli.options import weights_options
 
 
 class _ListByDefault(click.Group):
@@ -29,7 +29,7 @@ def backbones():
 @click.option("--pretrained", is_flag=True, help="Only names with pretrained weights.")
 def list_cmd(pattern, pretrained):
     """List backbone names matching PATTERN (shell-style, e.g. '*efficientnet*')."""
-    from ..backbones import list_backbones
+    from transferkit.models.backbones import list_backbones
 
     names = list_backbones(pattern, pretrained=pretrained)
     if not names:
@@ -43,7 +43,7 @@ def list_cmd(pattern, pretrained):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info_cmd(name, as_json, **weights):
     """Parameter count, feature dimension and the resolved data config of NAME."""
-    from ..backbones import backbone_info
+    from transferkit.models.backbones import backbone_info
 
     info = backbone_info(name, **weights)
     if as_json:
@@ -65,9 +65,9 @@ def info_cmd(name, as_json, **weights):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file for the filter grid.")
 def filters_cmd(name, out, **weights):
     """The first convolution layer's filters of NAME as an image grid (a quick check that real weights loaded)."""
-    from ..backbones import backbone_identity, load_backbone
-    from ..explain import first_conv_weight
-    from ..plots import filters_png
+    from transferkit.models.backbones import backbone_identity, load_backbone
+    from transferkit.reports.plots import filters_png
+    from transferkit.use.explain import first_conv_weight
 
     model, _ = load_backbone(name, num_classes=0, **weights)
     weight = first_conv_weight(model)

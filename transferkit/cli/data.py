@@ -6,7 +6,7 @@ import json
 
 import click
 
-from . import main
+from transferkit.cli import main
 
 
 @main.group()
@@ -25,8 +25,8 @@ def data():
               help="Carve a val split as finetune would (0: report the splits on disk).")
 def check_cmd(path, as_json, img_size, max_imbalance, val_ratio):
     """Check PATH. Exit code: 0 clean, 1 warnings, 2 errors."""
-    from ..data.check import check_dataset
-    from ..data.discover import discover
+    from transferkit.data.check import check_dataset
+    from transferkit.data.discover import discover
 
     index = discover(path, val_ratio=val_ratio, strict=False)
     report = check_dataset(index, min_side=img_size, max_imbalance=max_imbalance)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from ..errors import TransferkitError
-from ..features import DTYPES, POOLS, SPLIT_CHOICES, TTA_MODES  # light: numpy only
-from . import main
-from .options import tracking_options, weights_options
+from transferkit.cli import main
+from transferkit.cli.options import tracking_options, weights_options
+from transferkit.errors import TransferkitError
+from transferkit.features.extract import DTYPES, POOLS, SPLIT_CHOICES, TTA_MODES  # light: numpy only
 
 HEAD_MODELS = ("linear-svm", "rbf-svm", "logistic")  # = heads.HEAD_MODELS (heads imports torch)
 RESIZE_MODES = ("crop", "squash", "letterbox")  # = transforms.RESIZE_MODES (transforms imports cv2)
@@ -55,8 +55,8 @@ def extract_cmd(backbone, data, out, **options):
     """
     import time
 
-    from .. import distributed
-    from ..features import extract_features, read_metadata
+    from transferkit.core import distributed
+    from transferkit.features.extract import extract_features, read_metadata
 
     _require(backbone=backbone, data=data)
     started = time.perf_counter()
@@ -83,8 +83,8 @@ def svm_cmd(features, backbone, data, head_model, cv, grid, out, track, tracking
 
     Either --features FILE, or --backbone NAME --data PATH (extracts into the model folder, then fits).
     """
-    from ..features import extract_features, read_metadata
-    from ..heads import fit_head
+    from transferkit.features.classical_heads import fit_head
+    from transferkit.features.extract import extract_features, read_metadata
 
     if features and (backbone or data):
         raise TransferkitError("pass either --features FILE or --backbone/--data, not both")
@@ -105,7 +105,7 @@ def svm_cmd(features, backbone, data, head_model, cv, grid, out, track, tracking
 
 def _track(result, feature_metadata, *, tracking_uri, experiment) -> None:
     """The fitted head as an MLflow run: search space and choice, val/test metrics, the model itself."""
-    from ..tracking import default_experiment_name, default_run_name, run_tags, start_run
+    from transferkit.tracking.runs import default_experiment_name, default_run_name, run_tags, start_run
 
     dataset = feature_metadata["dataset"]
     params = {"backbone": feature_metadata["backbone"], "weights": feature_metadata["weights"],

@@ -1,7 +1,7 @@
 """`transferkit finetune`: train a timm backbone with a new head on an image folder.
 
 Options left unset fall back to the recipe (``--recipe``), then to the built-in defaults
-(:class:`transferkit.config.TrainConfig`). Under ``torchrun --nproc-per-node N -m transferkit finetune``
+(:class:`transferkit.train.config.TrainConfig`). Under ``torchrun --nproc-per-node N -m transferkit finetune``
 the same command trains with DistributedDataParallel; ``--batch-size`` is then the global batch.
 """
 
@@ -11,8 +11,8 @@ import os
 
 import click
 
-from . import main
-from .options import weights_options
+from transferkit.cli import main
+from transferkit.cli.options import weights_options
 
 
 @main.command()
@@ -45,9 +45,9 @@ from .options import weights_options
 @click.option("--register", help="Register the best model in the MLflow model registry under this name.")
 def finetune(recipe, resume, no_track, compile_, **options):
     """Finetune BACKBONE on DATA; writes runs/<name>/ (checkpoints, metrics.csv, curves.png, config.yaml)."""
-    from ..config import resolve_config, resume_config
-    from ..errors import TransferkitError
-    from ..train import finetune as run_finetune
+    from transferkit.errors import TransferkitError
+    from transferkit.train import finetune as run_finetune
+    from transferkit.train.config import resolve_config, resume_config
 
     options["compile"] = compile_
     options["track"] = False if no_track else None

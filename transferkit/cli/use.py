@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from . import main
-from .options import tracking_options
+from transferkit.cli import main
+from transferkit.cli.options import tracking_options
 
 TTA_HELP = "Test-time augmentation, probabilities averaged over the views: none, hflip, five-crop, ten-crop."
 
@@ -50,8 +50,8 @@ def inference_options(func):
 def evaluate(model_spec, data, split, tta, batch_size, device, workers, out, as_json, track, tracking_uri, experiment):
     """Accuracy, balanced accuracy, macro-F1, top-k, per-class report, confusion matrix, calibration (ECE)
     and the most confident errors of a trained model on labelled data."""
-    from ..evaluate import evaluate as run_evaluate
-    from ..tracking import per_class_table
+    from transferkit.tracking.runs import per_class_table
+    from transferkit.use.evaluate import evaluate as run_evaluate
 
     result = run_evaluate(model_spec, data, split=split, tta=tta, batch_size=batch_size, out=out, device=device,
                           track=track, tracking_uri=tracking_uri, experiment=experiment, workers=workers)
@@ -79,7 +79,7 @@ def predict(model_spec, inputs, topk, tta, batch_size, device, workers, out):
     """Predict the class of images: files, folders (searched recursively) and quoted glob patterns.
 
     Unreadable files get a row with an error instead of stopping the run."""
-    from ..predict import predict as run_predict
+    from transferkit.use.predict import predict as run_predict
 
     rows = run_predict(model_spec, inputs, topk=topk, tta=tta, batch_size=batch_size, out=out, device=device,
                        workers=workers)
@@ -104,8 +104,8 @@ def predict(model_spec, inputs, topk, tta, batch_size, device, workers, out):
 def export(model_spec, fmt, out, dynamic_batch, opset, check_data):
     """Export a finetuned classifier to ONNX or TorchScript, plus a JSON with class names and preprocessing;
     fails unless the export reproduces torch's logits within 1e-3."""
-    from ..export import export as run_export
-    from ..export import sidecar_path
+    from transferkit.use.export import export as run_export
+    from transferkit.use.export import sidecar_path
 
     path = run_export(model_spec, format=fmt, out=out, dynamic_batch=dynamic_batch, opset=opset,
                       check_images=list(check_data) or None)
@@ -127,7 +127,7 @@ def export(model_spec, fmt, out, dynamic_batch, opset, check_data):
 @click.option("--device", default="auto", show_default=True)
 def explain(model_spec, images, out, method, target_layer, class_name, device):
     """Class-activation overlays: where in each image the model finds evidence for its prediction."""
-    from ..explain import explain as run_explain
+    from transferkit.use.explain import explain as run_explain
 
     written = run_explain(model_spec, images, out, method=method, target_layer=target_layer, class_name=class_name,
                           device=device)

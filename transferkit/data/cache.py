@@ -1,7 +1,7 @@
 """Decoded-image cache: each image is decoded once at the working resolution and reused every later epoch.
 
 The working resolution is the ``min_short_side`` the dataset asks for (use
-:func:`transferkit.transforms.working_short_side`): the image is draft-decoded, then brought down to
+:func:`transferkit.models.preprocessing.working_short_side`): the image is draft-decoded, then brought down to
 exactly that shorter side with the backbone's interpolation and the same resize step the eval
 transform starts with. In ``--resize-mode crop`` (square input) the eval transform's own resize is
 then a no-op, so cached and uncached eval tensors are byte-for-byte equal; in squash/letterbox the
@@ -30,10 +30,10 @@ import numpy as np
 import psutil
 from torch.utils.data import get_worker_info
 
-from ..errors import TransferkitError
-from ..fileio import atomic_path, ensure_writable_dir
-from ..transforms import interpolation_flag
-from .decode import load_image
+from transferkit.core.fileio import atomic_path, ensure_writable_dir
+from transferkit.data.decode import load_image
+from transferkit.errors import TransferkitError
+from transferkit.models.preprocessing import interpolation_flag
 
 CACHE_MODES = ("none", "memory", "disk")
 DEFAULT_MAX_BYTES = min(4 << 30, psutil.virtual_memory().total // 4)  # memory cache, all workers together

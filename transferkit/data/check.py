@@ -13,8 +13,8 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from .decode import ImageDecodeError, load_image
-from .discover import DatasetIndex
+from transferkit.data.decode import ImageDecodeError, load_image
+from transferkit.data.discover import DatasetIndex
 
 CLEAN, WARNINGS, ERRORS = 0, 1, 2
 

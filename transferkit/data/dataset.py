@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from ..errors import TransferkitError
-from .cache import DecodedImageCache
-from .decode import load_image
+from transferkit.data.cache import DecodedImageCache
+from transferkit.data.decode import load_image
+from transferkit.errors import TransferkitError
 
 
 class ImageDataset(Dataset):
@@ -20,7 +20,7 @@ class ImageDataset(Dataset):
     ``transform`` is an albumentations pipeline (called as ``transform(image=...)["image"]``) or a
     callable ``transform(image=...)`` returning the tensor itself, such as a TTA transform.
     ``min_short_side`` lets large JPEGs be draft-decoded at no less than the size the transform needs
-    (:func:`transferkit.transforms.working_short_side`); ``cache`` (:func:`transferkit.data.cache.build_cache`)
+    (:func:`transferkit.models.preprocessing.working_short_side`); ``cache`` (:func:`transferkit.data.cache.build_cache`)
     keeps them decoded at that size for later epochs.
     """
 

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import TransferkitError
+from transferkit.errors import TransferkitError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_PIXELS = 89_478_485  # PIL's own default bomb limit: ~ 9459 x 9459

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import TransferkitError
-from .decode import is_image_file
+from transferkit.data.decode import is_image_file
+from transferkit.errors import TransferkitError
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "test": "test", "testing": "test"}

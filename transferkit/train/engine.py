@@ -1,9 +1,9 @@
 """The finetune loop: one run folder, epochs in phases, a commit point after every epoch.
 
 Run folder ``runs/<name>/``: ``config.yaml`` (resolved), ``split.csv``, ``metrics.csv``, ``best.*`` and
-``last.*`` (transferkit classifier checkpoints, loadable by :func:`transferkit.bundle.load_predictor`),
+``last.*`` (transferkit classifier checkpoints, loadable by :func:`transferkit.models.predictors.load_predictor`),
 ``curves.png``, ``resume.pt`` (see :mod:`.checkpoint`), the review of the finished run — ``val/`` (the best
-checkpoint's evaluation report on its val split, see :func:`transferkit.evaluate.write_report`),
+checkpoint's evaluation report on its val split, see :func:`transferkit.use.evaluate.write_report`),
 ``augment_preview.png`` and ``data_check.json`` — and, written last, ``result.json``: a folder without it is
 an unfinished run, to be continued with ``--resume``. With tracking on, all of it goes to MLflow too, in one
 experiment per dataset (the data folder's name unless ``experiment`` is set).
@@ -29,18 +29,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
-from ..backbones import load_backbone, read_checkpoint_metadata
-from ..bundle import checkpoint_metadata, save_checkpoint
-from ..config import TrainConfig
-from ..data import discover
-from ..data.dataset import make_loader
-from ..errors import TransferkitError
-from ..fileio import atomic_path, ensure_writable_dir, write_json
-from ..runtime import amp_dtype, autocast, prepare_model, seed_everything, select_device, to_device
-from . import checkpoint, loaders
-from .optim import Schedule, build_optimizer
-from .strategies import Phase, apply_trainable, phase_at, phases, reset_head, set_train_mode
+from transferkit.core import distributed
+from transferkit.core.fileio import atomic_path, ensure_writable_dir, write_json
+from transferkit.core.runtime import (
+    amp_dtype,
+    autocast,
+    prepare_model,
+    seed_everything,
+    select_device,
+    to_device,
+)
+from transferkit.data import discover
+from transferkit.data.dataset import make_loader
+from transferkit.errors import TransferkitError
+from transferkit.models.backbones import load_backbone
+from transferkit.models.saved_model import checkpoint_metadata, read_checkpoint_metadata, save_checkpoint
+from transferkit.train import loaders, resume_state
+from transferkit.train.config import TrainConfig
+from transferkit.train.optim import Schedule, build_optimizer
+from transferkit.train.strategies import Phase, apply_trainable, phase_at, phases, reset_head, set_train_mode
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr",
                   "epoch_seconds", "images_per_s")
@@ -79,7 +86,7 @@ class _Run:
         self.recipe = recipe
         self.progress = progress and distributed.is_main()
         self.amp = config.amp and amp_dtype(device) is not None
-        self.state = checkpoint.load_state(Path(resume)) if resume is not None else None
+        self.state = resume_state.load_state(Path(resume)) if resume is not None else None
         seed_everything(config.seed)
         self.index = self._discover()
         self.fingerprint = self.index.fingerprint()  # stats every file: once per run, not per checkpoint
@@ -147,7 +154,7 @@ class _Run:
     def _run_dir(self, resume) -> Path:
         if resume is not None:
             run_dir = Path(resume)
-            if (run_dir / checkpoint.COMPLETE_FILE).exists():
+            if (run_dir / resume_state.COMPLETE_FILE).exists():
                 raise TransferkitError(f"run {run_dir} is already complete; start a new run instead of --resume")
             return run_dir
         out = Path(self.config.out).expanduser()
@@ -165,7 +172,7 @@ class _Run:
     def _new_run_folder(self, out: Path, name: str | None) -> str:
         ensure_writable_dir(out)
         if name is None:
-            from ..tracking import default_run_name
+            from transferkit.tracking.runs import default_run_name
 
             name = _free_name(out, default_run_name(self.config.backbone, self.config.strategy.replace(":", "")))
         elif (out / name).exists():
@@ -176,7 +183,7 @@ class _Run:
     # ------------------------------------------------------------------ the run
 
     def execute(self) -> RunResult:
-        from ..tracking import default_experiment_name, run_tags, start_run
+        from transferkit.tracking.runs import default_experiment_name, run_tags, start_run
 
         config = self.config
         if distributed.is_main() and self.state is None:
@@ -214,10 +221,10 @@ class _Run:
 
     def _build_data(self) -> None:
         """Image loaders, or — for a linear probe without train-time augmentation — cached features."""
-        from ..augment import build_train_transform
-        from ..data.cache import build_cache
-        from ..data.dataset import ImageDataset
-        from ..transforms import build_eval_transform, working_short_side
+        from transferkit.data.augment import build_train_transform
+        from transferkit.data.cache import build_cache
+        from transferkit.data.dataset import ImageDataset
+        from transferkit.models.preprocessing import build_eval_transform, working_short_side
 
         config = self.config
         world = distributed.world_size()
@@ -255,7 +262,7 @@ class _Run:
 
     def _features(self, train_set, val_set):
         """Run the frozen backbone once over train and val; the head then trains on the vectors."""
-        from ..features import compute_features
+        from transferkit.features.extract import compute_features
 
         started = time.perf_counter()
         sets = []
@@ -289,7 +296,7 @@ class _Run:
         self.history = list(self.state["history"])
         self.best = dict(self.state["best"])
         self.bad_epochs = int(self.state["bad_epochs"])
-        checkpoint.set_rng_state(self.state["rng"])
+        resume_state.set_rng_state(self.state["rng"])
         self._say(f"resuming {self.run_dir} after epoch {self.state['epoch'] + 1}")
         return int(self.state["epoch"]) + 1
 
@@ -371,7 +378,7 @@ class _Run:
     @torch.inference_mode()
     def _evaluate(self) -> dict:
         """Val loss (plain cross-entropy), accuracy and macro-F1 over the whole val split, on every rank."""
-        from ..evaluation import classification_metrics
+        from transferkit.reports.metrics import classification_metrics
 
         module = self.forward
         module.eval()
@@ -421,12 +428,12 @@ class _Run:
                 self._save_model("best", epoch)
             self._write_metrics()
             self.tracker.log_metrics({k: v for k, v in self.history[-1].items() if k != "epoch"}, step=epoch + 1)
-            checkpoint.save_state(self.run_dir, {
+            resume_state.save_state(self.run_dir, {
                 "epoch": epoch, "phase": phase.index,
                 "identity": {"backbone": self.config.backbone, "class_names": list(self.classes)},
                 "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state(),
+                "scaler": self.scaler.state_dict(), "rng": resume_state.rng_state(),
                 "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
             })
         distributed.barrier()
@@ -434,14 +441,14 @@ class _Run:
     def _finish(self, stopped_early: bool) -> str | None:
         if not distributed.is_main():
             return None
-        from ..plots import training_curves_png
+        from transferkit.reports.plots import training_curves_png
 
         curves = training_curves_png(self.history, self.run_dir / "curves.png")
         for path in (self.run_dir / "config.yaml", self.run_dir / "metrics.csv", curves):
             self.tracker.log_artifact(path)
         self._write_review()
         model_uri = self.tracker.log_model(self.run_dir / "best.safetensors", register=self.config.register)
-        write_json(self.run_dir / checkpoint.COMPLETE_FILE, {
+        write_json(self.run_dir / resume_state.COMPLETE_FILE, {
             "best_epoch": self.best["epoch"], "best": self.best, "epochs_run": len(self.history),
             "stopped_early": stopped_early, "mlflow_run_id": self.tracker.run_id, "model_uri": model_uri,
         })
@@ -456,10 +463,10 @@ class _Run:
     def _write_review(self) -> None:
         """What a reviewer judges the run by, in the run folder and in MLflow: the best checkpoint's report on
         the val split it trained with (``val/``), the augmentation preview and the dataset check."""
-        from ..augment import preview_grid
-        from ..bundle import load_predictor
-        from ..data.check import check_dataset
-        from ..evaluate import evaluate_samples
+        from transferkit.data.augment import preview_grid
+        from transferkit.data.check import check_dataset
+        from transferkit.models.predictors import load_predictor
+        from transferkit.use.evaluate import evaluate_samples
 
         config = self.config
         val = self.index.split("val")

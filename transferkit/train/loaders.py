@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, Subset, TensorDataset, WeightedRandomSampler
 
-from .. import distributed
-from ..data.dataset import make_loader
+from transferkit.core import distributed
+from transferkit.data.dataset import make_loader
 
 
 class EpochSampler(Sampler):

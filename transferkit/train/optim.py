@@ -13,8 +13,8 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
-from ..config import TrainConfig
-from .strategies import Phase
+from transferkit.train.config import TrainConfig
+from transferkit.train.strategies import Phase
 
 
 def build_optimizer(module: nn.Module, config: TrainConfig, phase: Phase) -> torch.optim.Optimizer:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from timm.models import group_parameters
 from torch import nn
 
-from ..backbones import classifier_prefixes
-from ..config import TrainConfig
+from transferkit.models.backbones import classifier_prefixes
+from transferkit.train.config import TrainConfig
 
 
 @dataclass(frozen=True)

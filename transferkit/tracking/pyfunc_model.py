@@ -5,7 +5,7 @@ load time and it calls ``set_model``), so nothing is pickled. The weights travel
 safetensors checkpoint (plus its JSON, and the sklearn head of an SVM model) in the model's
 ``artifacts/model/`` folder, and the transferkit package is bundled with ``code_paths`` so the model
 loads with the same preprocessing code it was trained with. Loading goes through
-:func:`transferkit.bundle.load_predictor`, which handles every model kind.
+:func:`transferkit.models.predictors.load_predictor`, which handles every model kind.
 
 Inputs accepted by ``predict``: a DataFrame with an ``image`` column (or ``{"image": [...]}``) of
 encoded image bytes, base64 strings (``data:`` URLs too) or uint8 arrays (HxWx3, HxW or HxWx4).
@@ -31,23 +31,23 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
 from PIL import Image
 
+from transferkit.core.fileio import write_json
 from transferkit.data.decode import ImageDecodeError, load_image, to_rgb_array
 from transferkit.errors import TransferkitError
-from transferkit.fileio import write_json
 
 INPUT_COLUMN = "image"
 OUTPUT_COLUMNS = ("class", "probability", "top_classes", "top_probabilities")
 DEFAULT_TOP_K = 5
 MODEL_ARTIFACT = "model"  # name of the logged model and of its checkpoint folder under artifacts/
 _BASE64_TEXT = re.compile(rb"(data:[\w/+.-]*;base64,)?[A-Za-z0-9+/=\s]+")
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 class TransferkitImageModel(mlflow.pyfunc.PythonModel):
     """Stateless until ``load_context``; the predictor comes from the logged checkpoint."""
 
     def load_context(self, context):
-        from transferkit.bundle import load_predictor
+        from transferkit.models.predictors import load_predictor
 
         self.predictor = load_predictor(context.artifacts[MODEL_ARTIFACT])
 
@@ -117,8 +117,10 @@ def log_model(checkpoint_path: str | os.PathLike, *, name: str = MODEL_ARTIFACT,
 
     ``register`` also registers it under that name in the model registry.
     """
-    from transferkit.backbones import read_checkpoint_metadata  # torch: imported only when logging
-    from transferkit.bundle import find_checkpoint
+    from transferkit.models.saved_model import (
+        find_checkpoint,
+        read_checkpoint_metadata,  # torch: imported only when logging
+    )
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # MLflow's input-example check downloads
     checkpoint = find_checkpoint(checkpoint_path)
@@ -154,7 +156,7 @@ def pip_requirements() -> list[str] | None:
 def stage_checkpoint(checkpoint: Path, metadata, folder: Path) -> Path:
     """Copy a checkpoint into ``folder`` as ``model.safetensors``/``model.json`` (+ an SVM's ``head_file``).
 
-    ``model.safetensors`` is a name :func:`transferkit.bundle.find_checkpoint` looks for, so a downloaded
+    ``model.safetensors`` is a name :func:`transferkit.models.saved_model.find_checkpoint` looks for, so a downloaded
     ``runs:/<id>/model`` resolves to it.
     """
     folder.mkdir(parents=True)
@@ -165,5 +167,5 @@ def stage_checkpoint(checkpoint: Path, metadata, folder: Path) -> Path:
     return folder
 
 
-if __name__ != "transferkit.mlflow_model":  # executed by MLflow as the model's code
+if __name__ != "transferkit.tracking.pyfunc_model":  # executed by MLflow as the model's code
     mlflow.models.set_model(TransferkitImageModel())

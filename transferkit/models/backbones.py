@@ -19,11 +19,11 @@ import timm
 import torch
 from timm.data import resolve_model_data_config
 
-from .errors import TransferkitError
-from .fileio import sha256_file
+from transferkit.core.fileio import sha256_file
+from transferkit.errors import TransferkitError
+from transferkit.models.saved_model import read_checkpoint_metadata
 
 WEIGHTS_DIR_ENV = "TRANSFERKIT_WEIGHTS_DIR"
-CHECKPOINT_METADATA_KEY = "transferkit"
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 _HUB_PROBE = ("huggingface.co", 443)
 
@@ -223,20 +223,6 @@ def _stated_config(source, weights_config) -> dict:
     elif weights_config is not None:
         stated.update(_read_json(Path(weights_config)))
     return {key: stated[key] for key in ("backbone", "model_kwargs", "data_config") if key in stated}
-
-
-def read_checkpoint_metadata(path: Path) -> dict:
-    """The JSON transferkit stores in its own safetensors headers; {} for any other file."""
-    if path.suffix != ".safetensors":
-        return {}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            raw = (fh.metadata() or {}).get(CHECKPOINT_METADATA_KEY)
-    except Exception as exc:
-        raise TransferkitError(f"{path} is not a readable safetensors file ({exc})") from exc
-    return json.loads(raw) if raw else {}
 
 
 def _read_json(path: Path) -> dict:

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import TransferkitError
+from transferkit.errors import TransferkitError
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 Inputs are files, folders (searched recursively for images) and glob patterns. A file that cannot be
 decoded becomes a row with an ``error`` instead of stopping the batch. Test-time augmentation averages
-the class probabilities over the views built by :func:`transferkit.augment.build_tta_transform`.
+the class probabilities over the views built by :func:`transferkit.data.augment.build_tta_transform`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data.decode import ImageDecodeError, is_image_file, load_image
-from .errors import TransferkitError
-from .fileio import atomic_path, write_json
+from transferkit.core.fileio import atomic_path, write_json
+from transferkit.data.decode import ImageDecodeError, is_image_file, load_image
+from transferkit.errors import TransferkitError
 
 OUTPUT_FORMATS = (".csv", ".json", ".parquet")
 
@@ -31,8 +31,8 @@ def predict(model_spec, inputs: Sequence[str | os.PathLike], topk: int = 3, tta:
 
     ``out`` (.csv, .json or .parquet) is written atomically; rows are returned either way.
     """
-    from .bundle import load_predictor
-    from .runtime import select_device
+    from transferkit.core.runtime import select_device
+    from transferkit.models.predictors import load_predictor
 
     if topk < 1:
         raise TransferkitError(f"--topk must be at least 1, got {topk}")
@@ -80,9 +80,9 @@ def predict_paths(predictor, paths: Sequence[str | os.PathLike], tta: str = "non
     """
     from tqdm.auto import tqdm
 
-    from .augment import MIN_ENLARGE, build_tta_transform, tta_predict_proba
-    from .data.dataset import make_loader
-    from .transforms import working_short_side
+    from transferkit.data.augment import MIN_ENLARGE, build_tta_transform, tta_predict_proba
+    from transferkit.data.dataset import make_loader
+    from transferkit.models.preprocessing import working_short_side
 
     _check_batch_size(batch_size)
     check_tta(tta)
@@ -164,7 +164,7 @@ class _ViewsDataset(Dataset):
 
 
 def check_tta(tta: str) -> None:
-    from .augment import TTA_MODES
+    from transferkit.data.augment import TTA_MODES
 
     if tta not in TTA_MODES:
         raise TransferkitError(f"unknown --tta {tta!r}; use one of {', '.join(TTA_MODES)}")

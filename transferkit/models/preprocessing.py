@@ -13,7 +13,7 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-from .errors import TransferkitError
+from transferkit.errors import TransferkitError
 
 RESIZE_MODES = ("crop", "squash", "letterbox")
 INTERPOLATIONS = {

@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
-from .augment import preset_path
-from .data.cache import CACHE_MODES
-from .errors import TransferkitError
-from .transforms import RESIZE_MODES
+from transferkit.data.augment import preset_path
+from transferkit.data.cache import CACHE_MODES
+from transferkit.errors import TransferkitError
+from transferkit.models.preprocessing import RESIZE_MODES
 
 STRATEGIES = ("linear-probe", "full", "freeze-unfreeze", "discriminative", "partial:N")
 OPTIMIZERS = ("adamw", "sgd")
@@ -89,7 +89,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | os.PathLike) -> None:
-        from .fileio import atomic_path
+        from transferkit.core.fileio import atomic_path
 
         with atomic_path(path) as tmp:
             tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

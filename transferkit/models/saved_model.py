@@ -7,38 +7,31 @@ need no flags about preprocessing. Kinds:
 
 - ``classifier``: a finetuned timm model with its own head (``transferkit finetune``).
 - ``svm``: a frozen backbone (``num_classes=0``) + a scikit-learn head stored beside it
-  (``transferkit svm``); loaded by :mod:`transferkit.heads`.
+  (``transferkit svm``); loaded by :mod:`transferkit.features.classical_heads`.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from . import __version__
-from .backbones import CHECKPOINT_METADATA_KEY, load_backbone, read_checkpoint_metadata
-from .errors import TransferkitError
-from .fileio import atomic_path, write_json
-from .transforms import build_eval_transform, working_short_side
+from transferkit import __version__
+from transferkit.core.fileio import atomic_path, write_json
+from transferkit.errors import TransferkitError
 
 FORMAT = "transferkit-model"
 CHECKPOINT_NAMES = ("best", "model", "last")
-PREDICTOR_LOADERS = {
-    "classifier": "transferkit.bundle:ClassifierPredictor.from_checkpoint",
-    "svm": "transferkit.heads:load_svm_predictor",
-}
+CHECKPOINT_METADATA_KEY = "transferkit"
 
 
 def checkpoint_metadata(model: torch.nn.Module, *, kind: str, class_names, data_config: Mapping,
                         resize_mode: str = "crop", **extra) -> dict:
-    """Metadata for a checkpoint of ``model`` (built by :func:`transferkit.backbones.load_backbone`)."""
+    """Metadata for a checkpoint of ``model`` (built by :func:`transferkit.models.backbones.load_backbone`)."""
     info = getattr(model, "transferkit_info", None)
     if not info:
         raise TransferkitError("model was not built by transferkit.load_backbone; its backbone is unknown")
@@ -90,73 +83,6 @@ def find_checkpoint(spec: str | os.PathLike) -> Path:
     raise TransferkitError(f"model {spec} does not exist; pass a run folder, a model folder or runs:/ID/model")
 
 
-def load_predictor(spec: str | os.PathLike, device: str | torch.device = "cpu") -> Predictor:
-    """Any saved transferkit model → a :class:`Predictor` of the right kind."""
-    path = find_checkpoint(spec)
-    metadata = read_checkpoint_metadata(path)
-    target = PREDICTOR_LOADERS.get(metadata.get("kind"))
-    if target is None:
-        raise TransferkitError(f"{path} has unknown model kind {metadata.get('kind')!r}")
-    module_name, attr = target.split(":")
-    factory = importlib.import_module(module_name)
-    for part in attr.split("."):
-        factory = getattr(factory, part)
-    return factory(path, metadata, torch.device(device))
-
-
-class Predictor:
-    """Images in, class probabilities out, with the model's own preprocessing."""
-
-    def __init__(self, metadata: Mapping, device: torch.device):
-        self.metadata = dict(metadata)
-        self.class_names: list[str] = list(metadata["class_names"])
-        self.data_config: dict = dict(metadata["data_config"])
-        self.resize_mode: str = metadata.get("resize_mode", "crop")
-        self.device = device
-
-    def eval_transform(self):
-        return build_eval_transform(self.data_config, self.resize_mode)
-
-    def predict_proba_tensor(self, batch: torch.Tensor) -> np.ndarray:
-        """Probabilities for an already preprocessed NCHW batch."""
-        raise NotImplementedError
-
-    def predict_proba(self, images, batch_size: int = 32) -> np.ndarray:
-        """Probabilities for uint8 HWC arrays or image paths, in order."""
-        from .data.dataset import preprocessed_batches
-
-        short_side = working_short_side(self.data_config, self.resize_mode)  # the same draft decode as validation
-        out = [self.predict_proba_tensor(batch)
-               for batch in preprocessed_batches(list(images), self.eval_transform(), batch_size, short_side)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
-
-
-class ClassifierPredictor(Predictor):
-    """A finetuned timm model; ``model`` is exposed for export and CAMs."""
-
-    def __init__(self, model: torch.nn.Module, metadata: Mapping, device: torch.device):
-        super().__init__(metadata, device)
-        from .runtime import prepare_model
-
-        self.model = prepare_model(model, device).eval()
-
-    @classmethod
-    def from_checkpoint(cls, path: Path, metadata: Mapping, device: torch.device) -> ClassifierPredictor:
-        model, _ = load_backbone(
-            metadata["backbone"], weights=path, num_classes=len(metadata["class_names"]),
-            data_overrides=metadata["data_config"], **metadata.get("model_kwargs", {}),
-        )
-        return cls(model, metadata, device)
-
-    @torch.inference_mode()
-    def predict_proba_tensor(self, batch: torch.Tensor) -> np.ndarray:
-        from .runtime import autocast, to_device
-
-        with autocast(self.device):
-            logits = self.model(to_device(batch, self.device))
-        return logits.float().softmax(-1).cpu().numpy()
-
-
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     model = getattr(model, "module", model)  # DDP
     return getattr(model, "_orig_mod", model)  # torch.compile
@@ -169,3 +95,17 @@ def _download_mlflow_model(uri: str) -> str:
         return mlflow.artifacts.download_artifacts(artifact_uri=uri)
     except Exception as exc:
         raise TransferkitError(f"cannot fetch MLflow model {uri}: {exc}") from exc
+
+
+def read_checkpoint_metadata(path: Path) -> dict:
+    """The JSON transferkit stores in its own safetensors headers; {} for any other file."""
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get(CHECKPOINT_METADATA_KEY)
+    except Exception as exc:
+        raise TransferkitError(f"{path} is not a readable safetensors file ({exc})") from exc
+    return json.loads(raw) if raw else {}

@@ -1,4 +1,4 @@
-"""MLflow tracking: the one module (with :mod:`transferkit.mlflow_model`) that talks to MLflow.
+"""MLflow tracking: the one module (with :mod:`transferkit.tracking.pyfunc_model`) that talks to MLflow.
 
 Commands open a run with :func:`start_run` and log through the tracker it yields; with tracking
 switched off (``--no-track``) the tracker's methods do nothing, so callers never branch on it.
@@ -25,8 +25,8 @@ from collections.abc import Iterator, Mapping
 from numbers import Number
 from pathlib import Path
 
-from . import __version__
-from .errors import TransferkitError
+from transferkit import __version__
+from transferkit.errors import TransferkitError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACTS_FOLDER = "mlruns"  # beside a local sqlite store, like MLflow's own default
@@ -239,19 +239,19 @@ class Tracker:
 
     @_active
     def log_model(self, checkpoint_path: str | os.PathLike, register: str | None = None) -> str:
-        """Log a checkpoint as the run's pyfunc model (see :mod:`transferkit.mlflow_model`); returns its URI.
+        """Log a checkpoint as the run's pyfunc model (see :mod:`transferkit.tracking.pyfunc_model`); returns its URI.
 
         The URI is ``runs:/<run_id>/model``, which ``transferkit predict/evaluate`` and ``mlflow models
         serve`` accept. ``register`` also registers the model under that name.
         """
-        from .mlflow_model import MODEL_ARTIFACT, log_model
+        from transferkit.tracking.pyfunc_model import MODEL_ARTIFACT, log_model
 
         log_model(checkpoint_path, name=MODEL_ARTIFACT, register=register)
         return f"runs:/{self.run_id}/{MODEL_ARTIFACT}"
 
     @_active
     def log_evaluation(self, metrics: Mapping, prefix: str = "val", artifacts_dir: str | os.PathLike | None = None):
-        """Final metrics of an evaluation (from :func:`transferkit.evaluation.classification_metrics`).
+        """Final metrics of an evaluation (from :func:`transferkit.reports.metrics.classification_metrics`).
 
         Scalars become metrics ``<prefix>_<name>`` (``val_accuracy``, ``test_macro_f1``); the whole dict,
         the per-class report (JSON and a readable table) go to ``<prefix>/`` in the run, with the files

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import yaml
 
-from .errors import TransferkitError
-from .transforms import (
+from transferkit.errors import TransferkitError
+from transferkit.models.preprocessing import (
     build_eval_transform,
     eval_resize,
     input_hw,
@@ -38,7 +38,7 @@ from .transforms import (
 AUG_PRESETS = ("none", "light", "medium", "heavy")
 TTA_MODES = ("none", "hflip", "five-crop", "ten-crop")
 TTA_VIEWS = {"none": 1, "hflip": 2, "five-crop": 5, "ten-crop": 10}
-_SOURCE_RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # a checkout / editable install
+_SOURCE_RECIPES = Path(__file__).resolve().parents[2] / "recipes"  # a checkout / editable install
 _INSTALLED_RECIPES = Path(sys.prefix) / "share" / "transferkit" / "recipes"  # a wheel's data_files
 PRESET_DIR = (_SOURCE_RECIPES if _SOURCE_RECIPES.is_dir() else _INSTALLED_RECIPES) / "augment"
 SIZED_CROPS = ("RandomResizedCrop", "RandomSizedCrop")  # their output *is* the model input
@@ -167,9 +167,9 @@ def preview_grid(index_or_path, aug: str | os.PathLike, data_config: Mapping, n:
     """A PNG grid of ``n`` augmented training samples captioned with their class, to eyeball a pipeline."""
     from PIL import Image
 
-    from .data.decode import load_image
-    from .data.discover import DatasetIndex, discover
-    from .fileio import atomic_path
+    from transferkit.core.fileio import atomic_path
+    from transferkit.data.decode import load_image
+    from transferkit.data.discover import DatasetIndex, discover
 
     if n < 1:
         raise TransferkitError(f"-n must be at least 1, got {n}")

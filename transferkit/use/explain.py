@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import TransferkitError
-from .fileio import ensure_writable_dir
+from transferkit.core.fileio import ensure_writable_dir
+from transferkit.errors import TransferkitError
 
 CAM_METHODS = ("gradcam", "gradcam++", "scorecam")
 
@@ -29,12 +29,12 @@ def explain(model_spec, images: Sequence[str | os.PathLike], out_dir: str | os.P
     """
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from .bundle import ClassifierPredictor, load_predictor
-    from .data import load_image
-    from .plots import cam_overlay_png
-    from .predict import expand_inputs
-    from .runtime import select_device
-    from .transforms import eval_resize
+    from transferkit.core.runtime import select_device
+    from transferkit.data import load_image
+    from transferkit.models.predictors import ClassifierPredictor, load_predictor
+    from transferkit.models.preprocessing import eval_resize
+    from transferkit.reports.plots import cam_overlay_png
+    from transferkit.use.predict import expand_inputs
 
     if method not in CAM_METHODS:
         raise TransferkitError(f"unknown CAM method {method!r}; use one of {', '.join(CAM_METHODS)}")

@@ -2,7 +2,7 @@
 
 The head is a scikit-learn ``Pipeline(StandardScaler, estimator)``; its hyper-parameters come from a
 stratified ``GridSearchCV`` on the train split only, and it is scored on val/test with
-:func:`transferkit.evaluation.classification_metrics`. Probabilities: ``logistic`` uses its own
+:func:`transferkit.reports.metrics.classification_metrics`. Probabilities: ``logistic`` uses its own
 ``predict_proba``; ``linear-svm`` (LinearSVC) and ``rbf-svm`` (SVC) are wrapped, after the search, in
 ``CalibratedClassifierCV(method='sigmoid', ensemble=False)`` (Platt scaling) — what scikit-learn 1.9
 recommends instead of the deprecated ``SVC(probability=True)`` — so predictions are the argmax of
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import Predictor, checkpoint_metadata, save_checkpoint
-from .errors import TransferkitError
-from .features import (
+from transferkit.core.fileio import atomic_path, ensure_writable_dir, write_json
+from transferkit.errors import TransferkitError
+from transferkit.features.extract import (
     FeatureTable,
     build_feature_model,
     check_same_features,
@@ -34,7 +34,8 @@ from .features import (
     read_features,
     resolve_layer,
 )
-from .fileio import atomic_path, ensure_writable_dir, write_json
+from transferkit.models.predictors import Predictor
+from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
 
 HEAD_MODELS = ("linear-svm", "rbf-svm", "logistic")
 DEFAULT_GRIDS = {
@@ -180,7 +181,7 @@ def head_probabilities(pipeline, vectors: np.ndarray, num_classes: int) -> np.nd
 
 
 def _metrics(pipeline, rows: FeatureTable, class_names) -> dict:
-    from .evaluation import classification_metrics
+    from transferkit.reports.metrics import classification_metrics
 
     return classification_metrics(rows.label_index, head_probabilities(pipeline, rows.vectors, len(class_names)),
                                   class_names)
@@ -190,7 +191,7 @@ def save_head_model(out, result: HeadResult, feature_metadata: Mapping, *, weigh
     """Write the model folder (backbone checkpoint + ``head.skops`` + ``metrics.json``); returns the folder."""
     import skops.io
 
-    from .backbones import backbone_identity
+    from transferkit.models.backbones import backbone_identity
 
     if feature_metadata["weights"] == "random-init":
         raise TransferkitError("these features come from a randomly initialised backbone, which cannot be saved "
@@ -241,7 +242,7 @@ class SVMPredictor(Predictor):
     """Images → frozen backbone → pooled vector → scikit-learn head."""
 
     def __init__(self, model: torch.nn.Module, head, metadata: Mapping, device: torch.device):
-        from .runtime import prepare_model
+        from transferkit.core.runtime import prepare_model
 
         super().__init__(metadata, device)
         self.model = prepare_model(model, device).eval()
@@ -250,7 +251,7 @@ class SVMPredictor(Predictor):
 
     @torch.inference_mode()
     def predict_proba_tensor(self, batch: torch.Tensor) -> np.ndarray:
-        from .runtime import autocast, to_device
+        from transferkit.core.runtime import autocast, to_device
 
         with autocast(self.device):
             vectors = embed(self.model, to_device(batch, self.device), pool=self.metadata["pool"],

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import TransferkitError
-from .fileio import ensure_writable_dir, write_json
+from transferkit.core.fileio import ensure_writable_dir, write_json
+from transferkit.errors import TransferkitError
 
 GALLERY_SIZE = 16
 
@@ -30,7 +30,7 @@ def evaluate(model_spec, data, split: str | None = None, tta: str = "none", batc
              out: str | os.PathLike | None = None, device: str = "auto", *, track: bool = True,
              tracking_uri: str | None = None, experiment: str | None = None, topk: Sequence[int] = (1, 3),
              workers: int | None = None) -> dict:
-    """Metrics of ``model_spec`` on ``split`` of ``data`` (see :func:`transferkit.evaluation.classification_metrics`).
+    """Metrics of ``model_spec`` on ``split`` of ``data`` (see :func:`transferkit.reports.metrics.classification_metrics`).
 
     ``split=None`` means ``test`` when the data has split folders, or the whole dataset when it has a single
     split (a plain folder of class folders). A split the data has no folder for (``val`` of a plain folder)
@@ -38,10 +38,10 @@ def evaluate(model_spec, data, split: str | None = None, tta: str = "none", batc
     missing from ``data`` are an error. Files written to ``out``: ``metrics.json``, ``predictions.csv``,
     ``confusion_matrix.png``, ``confusion_matrix_normalized.png``, ``reliability.png``, ``errors.png``.
     """
-    from .bundle import load_predictor
-    from .data import discover
-    from .predict import check_tta
-    from .runtime import select_device
+    from transferkit.core.runtime import select_device
+    from transferkit.data import discover
+    from transferkit.models.predictors import load_predictor
+    from transferkit.use.predict import check_tta
 
     check_tta(tta)
     index = discover(data, val_ratio=0, strict=False)
@@ -64,8 +64,8 @@ def evaluate_samples(predictor, paths: Sequence, y_true: np.ndarray, *, split: s
     The one scoring path of `transferkit evaluate` and of the val report a finetune ends with, so both give
     the same numbers. The result is ``info`` + split, tta, the metrics and the ``skipped`` undecodable files.
     """
-    from .evaluation import classification_metrics
-    from .predict import predict_paths
+    from transferkit.reports.metrics import classification_metrics
+    from transferkit.use.predict import predict_paths
 
     probs, errors = predict_paths(predictor, paths, tta=tta, batch_size=batch_size, workers=workers)
     ok = np.array([not e for e in errors], dtype=bool)
@@ -87,9 +87,9 @@ def evaluate_samples(predictor, paths: Sequence, y_true: np.ndarray, *, split: s
 def write_report(folder: Path, result: dict, paths: Sequence, y_true: np.ndarray, probs: np.ndarray,
                  class_names: Sequence[str]) -> None:
     """metrics.json, predictions.csv and the four figures of an evaluation."""
-    from . import plots
-    from .evaluation import worst_errors
-    from .predict import write_rows
+    from transferkit.reports import plots
+    from transferkit.reports.metrics import worst_errors
+    from transferkit.use.predict import write_rows
 
     write_json(folder / "metrics.json", result)
     y_pred = probs.argmax(axis=1)
@@ -156,7 +156,7 @@ def _output_folder(out, track: bool) -> Iterator[Path | None]:
 def _track(result: dict, folder: Path | None, predictor, index, *, track: bool, tracking_uri, experiment) -> None:
     if not track:
         return
-    from .tracking import default_experiment_name, start_run
+    from transferkit.tracking.runs import default_experiment_name, start_run
 
     meta = predictor.metadata
     params = {

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import TransferkitError
-from ..fileio import atomic_path
+from transferkit.core.fileio import atomic_path
+from transferkit.errors import TransferkitError
 
 STATE_FILE = "resume.pt"
 COMPLETE_FILE = "result.json"  # written last: its presence is what makes a run folder complete

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import torch
 
-from .errors import TransferkitError
+from transferkit.errors import TransferkitError
 
 
 def select_device(spec: str | None = "auto") -> torch.device:

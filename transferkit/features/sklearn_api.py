@@ -6,7 +6,7 @@
     >>> clf.fit(train_paths, train_labels).score(val_paths, val_labels)
 
 Inside ``GridSearchCV`` every fold re-extracts its images; pass ``Pipeline(..., memory=DIR)`` to cache the
-fitted extractor, or extract once with :func:`transferkit.features.extract_features` for large searches.
+fitted extractor, or extract once with :func:`transferkit.features.extract.extract_features` for large searches.
 
 scikit-learn conformance (``sklearn.utils.estimator_checks``; tested in ``tests/test_sklearn_api.py``):
 the checks about the estimator object pass — ``check_parameters_default_constructible``,
@@ -30,7 +30,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .errors import TransferkitError
+from transferkit.errors import TransferkitError
 
 
 class FeatureExtractor(TransformerMixin, BaseEstimator):
@@ -56,9 +56,9 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.amp = amp
 
     def fit(self, X=None, y=None):
-        from .features import build_feature_model, check_pool, feature_dim, resolve_layer
-        from .runtime import prepare_model, select_device
-        from .transforms import build_eval_transform, working_short_side
+        from transferkit.core.runtime import prepare_model, select_device
+        from transferkit.features.extract import build_feature_model, check_pool, feature_dim, resolve_layer
+        from transferkit.models.preprocessing import build_eval_transform, working_short_side
 
         self._check_params()
         self.device_ = select_device(self.device)
@@ -74,7 +74,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         return self
 
     def transform(self, X) -> np.ndarray:
-        from .features import iter_features
+        from transferkit.features.extract import iter_features
 
         check_is_fitted(self, "model_")
         images = _as_image_list(X)
@@ -97,14 +97,14 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         return tags
 
     def _batches(self, images: list) -> Iterator[tuple]:
-        from .data.dataset import preprocessed_batches
+        from transferkit.data.dataset import preprocessed_batches
 
         for batch in preprocessed_batches(images, self.transform_, int(self.batch_size), self.min_short_side_):
             yield batch, np.full(len(batch), -1)
 
     def _check_params(self) -> None:
-        from .features import POOLS, TTA_MODES
-        from .transforms import RESIZE_MODES
+        from transferkit.features.extract import POOLS, TTA_MODES
+        from transferkit.models.preprocessing import RESIZE_MODES
 
         for name, allowed in (("pool", POOLS), ("tta", TTA_MODES), ("resize_mode", RESIZE_MODES)):
             if getattr(self, name) not in allowed:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn import metrics
 
-from .errors import TransferkitError
+from transferkit.errors import TransferkitError
 
 ECE_BINS = 15
 

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import __version__
-from .errors import TransferkitError
-from .fileio import atomic_path
+from transferkit import __version__
+from transferkit.core.fileio import atomic_path
+from transferkit.errors import TransferkitError
 
 if TYPE_CHECKING:
     import torch
@@ -103,7 +103,7 @@ def iter_features(model: torch.nn.Module, loader: Iterable, device: torch.device
     """THE feature loop: ``(vectors [b, D] float32, labels [b])`` per batch of ``loader``, in order."""
     import torch
 
-    from .runtime import autocast, to_device
+    from transferkit.core.runtime import autocast, to_device
 
     was_training = model.training
     model.eval()
@@ -149,7 +149,7 @@ def feature_dim(model: torch.nn.Module, pool: str | None, layer: int | None, tta
 def build_feature_model(backbone: str, *, weights=None, weights_config=None, pretrained: bool = True,
                         data_overrides: Mapping | None = None, **model_kwargs):
     """The backbone without classifier (``num_classes=0``) and its data config."""
-    from .backbones import load_backbone
+    from transferkit.models.backbones import load_backbone
 
     return load_backbone(backbone, weights=weights, num_classes=0, pretrained=pretrained,
                          weights_config=weights_config, data_overrides=data_overrides, **model_kwargs)
@@ -169,9 +169,9 @@ def extract_features(backbone: str, data, out, *, weights=None, weights_config=N
     fingerprint, ...) is reused unless ``force``. Under torchrun, ranks compute interleaved batches and
     rank 0 writes them in the single-process order, so the file is the same for any number of processes.
     """
-    from . import distributed
-    from .data import discover
-    from .runtime import prepare_model, select_device
+    from transferkit.core import distributed
+    from transferkit.core.runtime import prepare_model, select_device
+    from transferkit.data import discover
 
     out = Path(out)
     _check_choices(out=out, split=split, pool=pool, tta=tta, dtype=dtype, batch_size=batch_size,
@@ -224,8 +224,8 @@ class _LoaderFactory:
         return math.ceil(len(self.samples) / self.batch_size)
 
     def loader(self, rank: int, world: int):
-        from .data.dataset import ImageDataset, make_loader
-        from .transforms import build_eval_transform, working_short_side
+        from transferkit.data.dataset import ImageDataset, make_loader
+        from transferkit.models.preprocessing import build_eval_transform, working_short_side
 
         size = self.batch_size
         mine = [s for b in range(rank, self.num_batches, world) for s in self.samples[b * size:(b + 1) * size]]
@@ -238,7 +238,7 @@ class _LoaderFactory:
 
 def _merged_batches(model, factory: _LoaderFactory, device, dim: int, **embed_kwargs) -> Iterator[np.ndarray]:
     """Vectors of every global batch in order; on one process simply the feature loop."""
-    from . import distributed
+    from transferkit.core import distributed
 
     rank, world = distributed.rank(), distributed.world_size()
     stream = iter_features(model, factory.loader(rank, world), device, **embed_kwargs)
@@ -250,7 +250,7 @@ def _merged_batches(model, factory: _LoaderFactory, device, dim: int, **embed_kw
 
 
 def _metadata(model, data_config, index, *, weights, split, pool, layer, tta, dtype, resize_mode, dim, rows) -> dict:
-    from .backbones import backbone_identity
+    from transferkit.models.backbones import backbone_identity
 
     identity = backbone_identity(model)
     return {
@@ -275,7 +275,7 @@ def _metadata(model, data_config, index, *, weights, split, pool, layer, tta, dt
 
 
 def _check_choices(*, out: Path, split, pool, tta, dtype, batch_size, chunk_rows, resize_mode) -> None:
-    from .transforms import RESIZE_MODES
+    from transferkit.models.preprocessing import RESIZE_MODES
 
     if out.suffix not in SUFFIXES:
         raise TransferkitError(f"--out {out} must end in .parquet or .npz")

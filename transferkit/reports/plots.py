@@ -1,7 +1,7 @@
 """PNG figures for runs and evaluations: confusion matrix, reliability, worst errors, curves, filters.
 
 Figures are built on :class:`matplotlib.figure.Figure` with the Agg canvas (no pyplot state, no display,
-safe in worker threads) and written through :func:`transferkit.fileio.atomic_path`.
+safe in worker threads) and written through :func:`transferkit.core.fileio.atomic_path`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .fileio import atomic_path
+from transferkit.core.fileio import atomic_path
 
 MAX_ANNOTATED_CLASSES = 30
 CURVE_PANELS = (
@@ -46,7 +46,7 @@ def confusion_matrix_png(cm, class_names: Sequence[str], out: str | os.PathLike,
 
 def reliability_png(y_true, probs, out: str | os.PathLike) -> Path:
     """Accuracy against confidence per bin, with the share of samples per bin below; ECE in the title."""
-    from .evaluation import calibration_bins, expected_calibration_error
+    from transferkit.reports.metrics import calibration_bins, expected_calibration_error
 
     bins = calibration_bins(y_true, probs)
     edges, count = bins["edges"], bins["count"]
@@ -74,7 +74,7 @@ def error_gallery_png(items: Sequence[Mapping], out: str | os.PathLike, class_na
     ``true``/``pred`` may be class indices (named through ``class_names``) or names. An unreadable image
     is shown as an empty tile, and no items gives a figure that says so, so the file always exists.
     """
-    from .data.decode import load_image
+    from transferkit.data.decode import load_image
 
     def name(label):
         return class_names[label] if class_names is not None and isinstance(label, (int, np.integer)) else str(label)
@@ -129,7 +129,7 @@ def filters_png(weight, out: str | os.PathLike, max_filters: int = 64) -> Path:
     """
     w = np.asarray(weight.detach().float().cpu() if hasattr(weight, "detach") else weight, dtype=np.float32)
     if w.ndim != 4:
-        from .errors import TransferkitError
+        from transferkit.errors import TransferkitError
 
         raise TransferkitError(f"expected a conv weight [out, in, kh, kw], got shape {list(w.shape)}")
     w = w[:max_filters]

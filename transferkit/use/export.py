@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import TransferkitError
-from .fileio import atomic_path, sha256_file, write_json
+from transferkit.core.fileio import atomic_path, sha256_file, write_json
+from transferkit.errors import TransferkitError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 PARITY_TOLERANCE = 1e-3
@@ -35,8 +35,8 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
     ``check_images`` (files, folders or globs) are the parity images; without them a few generated
     images are used. Parity (max |logit difference|) is recorded in the JSON under ``parity``.
     """
-    from .backbones import read_checkpoint_metadata
-    from .bundle import find_checkpoint, load_predictor
+    from transferkit.models.predictors import load_predictor
+    from transferkit.models.saved_model import find_checkpoint, read_checkpoint_metadata
 
     if format not in FORMATS:
         raise TransferkitError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
@@ -99,7 +99,7 @@ def sidecar_path(out: str | os.PathLike) -> Path:
 
 def preprocessing_steps(data_config, resize_mode: str) -> list[str]:
     """The eval transform in words, for runtimes that re-implement it."""
-    from .transforms import eval_resize, normalize_to_tensor
+    from transferkit.models.preprocessing import eval_resize, normalize_to_tensor
 
     return [type(step).__name__ + _step_args(step)
             for step in (*eval_resize(data_config, resize_mode), *normalize_to_tensor(data_config))]
@@ -107,8 +107,8 @@ def preprocessing_steps(data_config, resize_mode: str) -> list[str]:
 
 def check_batch(predictor, check_images: Sequence | None) -> torch.Tensor:
     """The model's eval transform applied to the check images, or to generated ones (noise, gradients)."""
-    from .data import load_image
-    from .predict import expand_inputs
+    from transferkit.data import load_image
+    from transferkit.use.predict import expand_inputs
 
     transform = predictor.eval_transform()
     if check_images:

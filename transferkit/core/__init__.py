@@ -1,0 +1,1 @@
+"""Plumbing every layer shares: atomic file writes, device/AMP/seeding, torchrun collectives."""

@@ -1,0 +1,86 @@
+"""Predictors: a saved model of any kind turned back into "images in, class probabilities out".
+
+The saved-model format itself lives in :mod:`transferkit.models.saved_model`; this module picks the predictor
+class for a checkpoint's ``kind`` and rebuilds the model with its own preprocessing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transferkit.errors import TransferkitError
+from transferkit.models.backbones import load_backbone
+from transferkit.models.preprocessing import build_eval_transform, working_short_side
+from transferkit.models.saved_model import find_checkpoint, read_checkpoint_metadata
+
+
+def load_predictor(spec: str | os.PathLike, device: str | torch.device = "cpu") -> Predictor:
+    """Any saved transferkit model → a :class:`Predictor` of the right kind."""
+    path = find_checkpoint(spec)
+    metadata = read_checkpoint_metadata(path)
+    kind = metadata.get("kind")
+    if kind == "classifier":
+        return ClassifierPredictor.from_checkpoint(path, metadata, torch.device(device))
+    if kind == "svm":
+        from transferkit.features.classical_heads import load_svm_predictor
+
+        return load_svm_predictor(path, metadata, torch.device(device))
+    raise TransferkitError(f"{path} has unknown model kind {kind!r}; expected classifier or svm")
+
+
+class Predictor:
+    """Images in, class probabilities out, with the model's own preprocessing."""
+
+    def __init__(self, metadata: Mapping, device: torch.device):
+        self.metadata = dict(metadata)
+        self.class_names: list[str] = list(metadata["class_names"])
+        self.data_config: dict = dict(metadata["data_config"])
+        self.resize_mode: str = metadata.get("resize_mode", "crop")
+        self.device = device
+
+    def eval_transform(self):
+        return build_eval_transform(self.data_config, self.resize_mode)
+
+    def predict_proba_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        """Probabilities for an already preprocessed NCHW batch."""
+        raise NotImplementedError
+
+    def predict_proba(self, images, batch_size: int = 32) -> np.ndarray:
+        """Probabilities for uint8 HWC arrays or image paths, in order."""
+        from transferkit.data.dataset import preprocessed_batches
+
+        short_side = working_short_side(self.data_config, self.resize_mode)  # the same draft decode as validation
+        out = [self.predict_proba_tensor(batch)
+               for batch in preprocessed_batches(list(images), self.eval_transform(), batch_size, short_side)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
+
+
+class ClassifierPredictor(Predictor):
+    """A finetuned timm model; ``model`` is exposed for export and CAMs."""
+
+    def __init__(self, model: torch.nn.Module, metadata: Mapping, device: torch.device):
+        super().__init__(metadata, device)
+        from transferkit.core.runtime import prepare_model
+
+        self.model = prepare_model(model, device).eval()
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, metadata: Mapping, device: torch.device) -> ClassifierPredictor:
+        model, _ = load_backbone(
+            metadata["backbone"], weights=path, num_classes=len(metadata["class_names"]),
+            data_overrides=metadata["data_config"], **metadata.get("model_kwargs", {}),
+        )
+        return cls(model, metadata, device)
+
+    @torch.inference_mode()
+    def predict_proba_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        from transferkit.core.runtime import autocast, to_device
+
+        with autocast(self.device):
+            logits = self.model(to_device(batch, self.device))
+        return logits.float().softmax(-1).cpu().numpy()

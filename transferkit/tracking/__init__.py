@@ -1,0 +1,1 @@
+"""MLflow: runs, their metrics and artifacts, and the MLflow model flavour."""
