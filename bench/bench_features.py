@@ -90,7 +90,8 @@ def svm_vs_extract(data: Path, work: Path, rounds: int) -> dict:
 
 
 def head_accuracies(work: Path) -> dict:
-    from transferkit.features.classical_heads import HEAD_MODELS, fit_head
+    from transferkit.choices import HEAD_MODELS
+    from transferkit.features.classical_heads import fit_head
     from transferkit.features.extract import extract_features
 
     features = extract_features(BACKBONE, ROADS, work / "roads.parquet", weights=WEIGHTS, device="cpu")

@@ -9,9 +9,8 @@ import torch
 import yaml
 from PIL import Image
 
+from transferkit.choices import AUG_PRESETS, TTA_MODES
 from transferkit.data.augment import (
-    AUG_PRESETS,
-    TTA_MODES,
     build_train_transform,
     build_tta_transform,
     denormalize,

@@ -171,10 +171,3 @@ def test_extract_cli(runner, tiny_data, tiny_weights, tmp_path):
     result = runner.invoke(main, [*args[:-6], "--split", "test"])
     assert result.exit_code == 2 and "error: split 'test'" in result.output
 
-
-def test_cli_choices_match_the_library():
-    from transferkit.cli import features as cli
-    from transferkit.features import classical_heads
-    from transferkit.models import preprocessing
-
-    assert cli.HEAD_MODELS == classical_heads.HEAD_MODELS and cli.RESIZE_MODES == preprocessing.RESIZE_MODES

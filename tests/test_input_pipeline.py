@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from transferkit.choices import CACHE_MODES
 from transferkit.data.augment import build_train_transform
-from transferkit.data.cache import CACHE_MODES, DiskCache, MemoryCache, build_cache, decode_working
+from transferkit.data.cache import DiskCache, MemoryCache, build_cache, decode_working
 from transferkit.data.dataset import ImageDataset, make_loader
 from transferkit.data.decode import load_image
 from transferkit.errors import TransferkitError

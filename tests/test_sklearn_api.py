@@ -84,5 +84,5 @@ def test_bad_images_are_clear_errors(tiny_weights, X, message):
 
 
 def test_bad_parameters_fail_at_fit(tiny_weights):
-    with pytest.raises(TransferkitError, match="pool='median'"):
+    with pytest.raises(TransferkitError, match="FeatureExtractor pool 'median'"):
         FeatureExtractor(TINY_BACKBONE, weights=str(tiny_weights), pool="median").fit()

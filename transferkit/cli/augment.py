@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import click
 
+from transferkit.choices import AUG_PRESETS, RESIZE_MODES
 from transferkit.cli import main
 from transferkit.cli.options import weights_options
-
-AUG_PRESETS = ("none", "light", "medium", "heavy")  # = augment.AUG_PRESETS (augment imports torch)
-RESIZE_MODES = ("crop", "squash", "letterbox")  # = transforms.RESIZE_MODES (transforms imports cv2)
 
 
 @main.group()

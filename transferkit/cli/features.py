@@ -7,13 +7,10 @@ from pathlib import Path
 
 import click
 
+from transferkit import choices
 from transferkit.cli import main
 from transferkit.cli.options import tracking_options, weights_options
 from transferkit.errors import TransferkitError
-from transferkit.features.extract import DTYPES, POOLS, SPLIT_CHOICES, TTA_MODES  # light: numpy only
-
-HEAD_MODELS = ("linear-svm", "rbf-svm", "logistic")  # = heads.HEAD_MODELS (heads imports torch)
-RESIZE_MODES = ("crop", "squash", "letterbox")  # = transforms.RESIZE_MODES (transforms imports cv2)
 
 
 def extraction_options(func):
@@ -22,12 +19,12 @@ def extraction_options(func):
     @click.option("--backbone", help="timm backbone name, e.g. tf_efficientnet_lite0.")
     @click.option("--data", type=click.Path(), help="Image folder (class folders or train/val/test) or labels CSV.")
     @weights_options
-    @click.option("--pool", type=click.Choice(POOLS), default="avg", show_default=True,
+    @click.option("--pool", type=click.Choice(choices.POOLS), default="avg", show_default=True,
                   help="Global pooling of the last feature map; token = a ViT's class token.")
     @click.option("--layer", default=None, help="Pool an intermediate stage instead (timm feature_info name, e.g. blocks.4).")
-    @click.option("--tta", type=click.Choice(TTA_MODES), default="none", show_default=True,
+    @click.option("--tta", type=click.Choice(choices.FEATURE_TTA_MODES), default="none", show_default=True,
                   help="hflip: average the vectors of each image and its mirror.")
-    @click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default="crop", show_default=True)
+    @click.option("--resize-mode", type=click.Choice(choices.RESIZE_MODES), default="crop", show_default=True)
     @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
     @click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers [default: CPUs-1, max 8].")
     @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
@@ -45,8 +42,8 @@ def extraction_options(func):
 @main.command("extract")
 @extraction_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file: .parquet or .npz.")
-@click.option("--split", type=click.Choice(SPLIT_CHOICES), default="all", show_default=True)
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@click.option("--split", type=click.Choice(choices.FEATURE_SPLITS), default="all", show_default=True)
+@click.option("--dtype", type=click.Choice(choices.FEATURE_DTYPES), default="float32", show_default=True)
 def extract_cmd(backbone, data, out, **options):
     """Write one feature vector per image (with path, label, split) for a frozen backbone.
 
@@ -70,7 +67,7 @@ def extract_cmd(backbone, data, out, **options):
 @main.command("svm")
 @click.option("--features", type=click.Path(dir_okay=False), help="Features file from `transferkit extract`.")
 @extraction_options
-@click.option("--model", "head_model", type=click.Choice(HEAD_MODELS), default="logistic", show_default=True,
+@click.option("--model", "head_model", type=click.Choice(choices.HEAD_MODELS), default="logistic", show_default=True,
               help="linear-svm / rbf-svm get Platt-scaled probabilities; logistic its own.")
 @click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True,
               help="Stratified folds for the grid search on train (capped by the smallest class).")

@@ -11,6 +11,7 @@ import os
 
 import click
 
+from transferkit import choices
 from transferkit.cli import main
 from transferkit.cli.options import weights_options
 
@@ -25,9 +26,9 @@ from transferkit.cli.options import weights_options
 @click.option("--accum-steps", type=int, help="Gradient accumulation steps per optimizer step (default 1).")
 @click.option("--lr", type=float, help="Learning rate of the head (default 1e-3).")
 @click.option("--img-size", type=int, help="Input size instead of the backbone's own.")
-@click.option("--strategy", help="linear-probe | full | freeze-unfreeze (default) | discriminative | partial:N.")
-@click.option("--aug", help="Augmentation preset (none, light, medium, heavy) or albumentations YAML file.")
-@click.option("--resize-mode", type=click.Choice(["crop", "squash", "letterbox"]), help="How images fit the input.")
+@click.option("--strategy", help=f"{' | '.join(choices.STRATEGIES)} (default freeze-unfreeze).")
+@click.option("--aug", help=f"Augmentation preset ({', '.join(choices.AUG_PRESETS)}) or albumentations YAML file.")
+@click.option("--resize-mode", type=click.Choice(choices.RESIZE_MODES), help="How images fit the input.")
 @click.option("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision on GPU (bf16 where supported, else fp16).")
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
@@ -37,8 +38,8 @@ from transferkit.cli.options import weights_options
 @click.option("--name", help="Run folder name (default <backbone>-<strategy>-<timestamp>).")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the unfinished run in this folder.")
 @click.option("--workers", type=int, help="Data loading processes (default: CPU count - 1, at most 8).")
-@click.option("--balance", type=click.Choice(["none", "weights", "sampler"]), help="Class-imbalance handling.")
-@click.option("--cache", type=click.Choice(["none", "memory", "disk"]), help="Keep decoded images between epochs.")
+@click.option("--balance", type=click.Choice(choices.BALANCE), help="Class-imbalance handling.")
+@click.option("--cache", type=click.Choice(choices.CACHE_MODES), help="Keep decoded images between epochs.")
 @click.option("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
 @click.option("--experiment", help="MLflow experiment name.")
 @click.option("--no-track", is_flag=True, help="Do not log to MLflow.")

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import click
 
+from transferkit.choices import CAM_METHODS, EXPORT_FORMATS, TTA_MODES
 from transferkit.cli import main
 from transferkit.cli.options import tracking_options
-
-TTA_HELP = "Test-time augmentation, probabilities averaged over the views: none, hflip, five-crop, ten-crop."
 
 
 def model_option(func):
@@ -26,7 +25,8 @@ def model_option(func):
 def inference_options(func):
     """--tta / --batch-size / --device / --workers, shared by evaluate and predict."""
 
-    @click.option("--tta", default="none", show_default=True, help=TTA_HELP)
+    @click.option("--tta", type=click.Choice(TTA_MODES), default="none", show_default=True,
+                  help="Test-time augmentation: probabilities averaged over the views.")
     @click.option("--batch-size", default=32, show_default=True, type=int)
     @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
     @click.option("--workers", default=None, type=int, help="Image decoding workers (default: CPU count - 1, at most 8).")
@@ -94,7 +94,7 @@ def predict(model_spec, inputs, topk, tta, batch_size, device, workers, out):
 
 @main.command()
 @model_option
-@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Output file (default: beside the checkpoint, <name>.onnx / <name>.torchscript.pt).")
 @click.option("--dynamic-batch", is_flag=True, help="Accept any batch size (default: batch of 1).")
@@ -121,7 +121,7 @@ def export(model_spec, fmt, out, dynamic_batch, opset, check_data):
 @model_option
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the overlay PNGs.")
-@click.option("--method", type=click.Choice(["gradcam", "gradcam++", "scorecam"]), default="gradcam", show_default=True)
+@click.option("--method", type=click.Choice(CAM_METHODS), default="gradcam", show_default=True)
 @click.option("--target-layer", default=None, help="Dotted module name (e.g. layer4.1); default: chosen per model family.")
 @click.option("--class", "class_name", default=None, help="Explain this class instead of each image's prediction.")
 @click.option("--device", default="auto", show_default=True)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import yaml
 
+from transferkit.choices import AUG_PRESETS, TTA_MODES, TTA_VIEWS, check_choice
 from transferkit.errors import TransferkitError
 from transferkit.models.preprocessing import (
     build_eval_transform,
@@ -35,9 +36,6 @@ from transferkit.models.preprocessing import (
     working_short_side,
 )
 
-AUG_PRESETS = ("none", "light", "medium", "heavy")
-TTA_MODES = ("none", "hflip", "five-crop", "ten-crop")
-TTA_VIEWS = {"none": 1, "hflip": 2, "five-crop": 5, "ten-crop": 10}
 _SOURCE_RECIPES = Path(__file__).resolve().parents[2] / "recipes"  # a checkout / editable install
 _INSTALLED_RECIPES = Path(sys.prefix) / "share" / "transferkit" / "recipes"  # a wheel's data_files
 PRESET_DIR = (_SOURCE_RECIPES if _SOURCE_RECIPES.is_dir() else _INSTALLED_RECIPES) / "augment"
@@ -114,8 +112,7 @@ class TTATransform:
     """
 
     def __init__(self, data_config: Mapping, resize_mode: str = "crop", mode: str = "none"):
-        if mode not in TTA_MODES:
-            raise TransferkitError(f"unknown --tta {mode!r}; use one of {', '.join(TTA_MODES)}")
+        check_choice("--tta", mode, TTA_MODES)
         self.mode = mode
         self.views = TTA_VIEWS[mode]
         self.crop_hw = input_hw(data_config)
@@ -240,6 +237,6 @@ def _retarget_sized_crops(pipeline, size: tuple[int, int], interpolation: int) -
 
 
 __all__ = [
-    "AUG_PRESETS", "TTA_MODES", "TTATransform", "build_train_transform", "build_tta_transform", "denormalize",
+    "TTATransform", "build_train_transform", "build_tta_transform", "denormalize",
     "enlarged_fit", "five_crop", "load_augmentation", "preview_grid", "tta_predict_proba",
 ]

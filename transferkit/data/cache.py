@@ -30,12 +30,12 @@ import numpy as np
 import psutil
 from torch.utils.data import get_worker_info
 
+from transferkit.choices import CACHE_MODES, check_choice
 from transferkit.core.fileio import atomic_path, ensure_writable_dir
 from transferkit.data.decode import load_image
 from transferkit.errors import TransferkitError
 from transferkit.models.preprocessing import interpolation_flag
 
-CACHE_MODES = ("none", "memory", "disk")
 DEFAULT_MAX_BYTES = min(4 << 30, psutil.virtual_memory().total // 4)  # memory cache, all workers together
 
 
@@ -50,8 +50,7 @@ def build_cache(mode: str, folder: str | os.PathLike | None = None, max_bytes: i
 
     ``interpolation`` should be the backbone's (``data_config['interpolation']``).
     """
-    if mode not in CACHE_MODES:
-        raise TransferkitError(f"unknown --cache {mode!r}; use one of {', '.join(CACHE_MODES)}")
+    check_choice("--cache", mode, CACHE_MODES)
     interpolation_flag(interpolation)  # validates the name
     if mode == "memory":
         if max_bytes <= 0:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transferkit.choices import HEAD_MODELS, check_choice
 from transferkit.core.fileio import atomic_path, ensure_writable_dir, write_json
 from transferkit.errors import TransferkitError
 from transferkit.features.extract import (
@@ -37,7 +38,6 @@ from transferkit.features.extract import (
 from transferkit.models.predictors import Predictor
 from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
 
-HEAD_MODELS = ("linear-svm", "rbf-svm", "logistic")
 DEFAULT_GRIDS = {
     "linear-svm": {"C": [0.01, 0.1, 1.0]},
     "rbf-svm": {"C": [0.1, 1.0, 10.0], "gamma": ["scale"]},
@@ -93,8 +93,7 @@ def make_estimator(model: str, **params):
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import SVC, LinearSVC
 
-    if model not in HEAD_MODELS:
-        raise TransferkitError(f"unknown head model {model!r}; use one of {', '.join(HEAD_MODELS)}")
+    check_choice("head model", model, HEAD_MODELS)
     if model == "linear-svm":
         # the primal solver converges in a few Newton steps at any C; the dual one needs thousands of
         # passes at C >= 1 when images are near-duplicates (video frames), 100x slower

@@ -21,6 +21,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from transferkit import __version__
+from transferkit.choices import (
+    FEATURE_DTYPES,
+    FEATURE_SPLITS,
+    FEATURE_TTA_MODES,
+    POOLS,
+    RESIZE_MODES,
+    check_choice,
+)
 from transferkit.core.fileio import atomic_path
 from transferkit.errors import TransferkitError
 
@@ -28,10 +36,6 @@ if TYPE_CHECKING:
     import torch
 
 FORMAT = "transferkit-features"
-POOLS = ("avg", "max", "avgmax", "token")
-TTA_MODES = ("none", "hflip")
-DTYPES = ("float32", "float16")
-SPLIT_CHOICES = ("all", "train", "val", "test")
 SUFFIXES = (".parquet", ".npz")
 METADATA_KEY = "transferkit"
 CHUNK_ROWS = 1024
@@ -91,8 +95,8 @@ def resolve_layer(model: torch.nn.Module, layer: str | int | None) -> int | None
 
 
 def check_pool(model: torch.nn.Module, pool: str | None, layer: int | None) -> None:
-    if pool is not None and pool not in POOLS:
-        raise TransferkitError(f"unknown pool {pool!r}; use one of {', '.join(POOLS)}")
+    if pool is not None:
+        check_choice("pool", pool, POOLS)
     if pool == "token" and (layer is not None or not getattr(model, "num_prefix_tokens", 0)):
         raise TransferkitError("pool 'token' needs a backbone with a class token (a ViT) and no --layer; use avg")
 
@@ -275,14 +279,11 @@ def _metadata(model, data_config, index, *, weights, split, pool, layer, tta, dt
 
 
 def _check_choices(*, out: Path, split, pool, tta, dtype, batch_size, chunk_rows, resize_mode) -> None:
-    from transferkit.models.preprocessing import RESIZE_MODES
-
     if out.suffix not in SUFFIXES:
         raise TransferkitError(f"--out {out} must end in .parquet or .npz")
-    for name, value, allowed in (("split", split, SPLIT_CHOICES), ("pool", pool, POOLS), ("tta", tta, TTA_MODES),
-                                 ("dtype", dtype, DTYPES), ("resize mode", resize_mode, RESIZE_MODES)):
-        if value not in allowed:
-            raise TransferkitError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
+    for name, value, allowed in (("split", split, FEATURE_SPLITS), ("pool", pool, POOLS), ("tta", tta, FEATURE_TTA_MODES),
+                                 ("dtype", dtype, FEATURE_DTYPES), ("resize mode", resize_mode, RESIZE_MODES)):
+        check_choice(name, value, allowed)
     for name, value in (("batch size", batch_size), ("chunk rows", chunk_rows)):
         if int(value) < 1:
             raise TransferkitError(f"{name} must be at least 1, got {value}")

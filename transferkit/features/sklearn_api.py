@@ -30,6 +30,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
+from transferkit.choices import FEATURE_TTA_MODES, POOLS, RESIZE_MODES, check_choice
 from transferkit.errors import TransferkitError
 
 
@@ -103,12 +104,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             yield batch, np.full(len(batch), -1)
 
     def _check_params(self) -> None:
-        from transferkit.features.extract import POOLS, TTA_MODES
-        from transferkit.models.preprocessing import RESIZE_MODES
-
-        for name, allowed in (("pool", POOLS), ("tta", TTA_MODES), ("resize_mode", RESIZE_MODES)):
-            if getattr(self, name) not in allowed:
-                raise TransferkitError(f"FeatureExtractor {name}={getattr(self, name)!r}; use one of {', '.join(allowed)}")
+        for name, allowed in (("pool", POOLS), ("tta", FEATURE_TTA_MODES), ("resize_mode", RESIZE_MODES)):
+            check_choice(f"FeatureExtractor {name}", getattr(self, name), allowed)
         if int(self.batch_size) < 1:
             raise TransferkitError(f"FeatureExtractor batch_size={self.batch_size}; use at least 1")
 

@@ -13,9 +13,9 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
+from transferkit.choices import RESIZE_MODES, check_choice
 from transferkit.errors import TransferkitError
 
-RESIZE_MODES = ("crop", "squash", "letterbox")
 INTERPOLATIONS = {
     "nearest": cv2.INTER_NEAREST,
     "bilinear": cv2.INTER_LINEAR,
@@ -46,8 +46,7 @@ def working_short_side(data_config: Mapping, resize_mode: str = "crop") -> int:
 
 def eval_resize(data_config: Mapping, resize_mode: str = "crop") -> list:
     """Resize steps (no normalization) that bring an image to the model's input size at eval time."""
-    if resize_mode not in RESIZE_MODES:
-        raise TransferkitError(f"unknown resize mode {resize_mode!r}; use one of {', '.join(RESIZE_MODES)}")
+    check_choice("resize mode", resize_mode, RESIZE_MODES)
     height, width = input_hw(data_config)
     interpolation = interpolation_flag(data_config["interpolation"])
     if resize_mode == "squash":

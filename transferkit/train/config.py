@@ -16,16 +16,10 @@ from typing import Any
 
 import yaml
 
+from transferkit import choices
 from transferkit.data.augment import preset_path
-from transferkit.data.cache import CACHE_MODES
 from transferkit.errors import TransferkitError
-from transferkit.models.preprocessing import RESIZE_MODES
 
-STRATEGIES = ("linear-probe", "full", "freeze-unfreeze", "discriminative", "partial:N")
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULERS = ("cosine", "plateau", "none")
-BALANCE = ("none", "weights", "sampler")
-MONITORS = ("val_loss", "val_acc", "val_macro_f1")
 # What may differ when a run is resumed: where and how it runs, and how long; never what it learns.
 RESUME_OVERRIDABLE = ("device", "workers", "cache", "track", "tracking_uri", "experiment", "register")
 
@@ -155,9 +149,9 @@ def read_recipe(path: str | os.PathLike) -> dict:
 
 def validate(config: TrainConfig) -> None:
     """Reject values that would fail (or silently misbehave) later, naming the key."""
-    choices = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "balance": BALANCE, "cache": CACHE_MODES,
-               "resize_mode": RESIZE_MODES, "monitor": MONITORS}
-    for key, allowed in choices.items():
+    allowed_values = {"optimizer": choices.OPTIMIZERS, "scheduler": choices.SCHEDULERS, "balance": choices.BALANCE,
+                      "cache": choices.CACHE_MODES, "resize_mode": choices.RESIZE_MODES, "monitor": choices.MONITORS}
+    for key, allowed in allowed_values.items():
         if getattr(config, key) not in allowed:
             _bad(key, getattr(config, key), f"use one of {', '.join(allowed)}")
     _check_strategy(config.strategy)
@@ -229,8 +223,8 @@ def _check_strategy(strategy: str) -> None:
     name, _, arg = strategy.partition(":")
     if name == "partial" and arg.isdigit() and int(arg) > 0:
         return
-    if arg or name not in STRATEGIES:
-        _bad("strategy", strategy, f"use one of {', '.join(STRATEGIES)} (N = number of last stages to train, >= 1)")
+    if arg or name not in choices.STRATEGIES:
+        _bad("strategy", strategy, f"use one of {', '.join(choices.STRATEGIES)} (N = number of last stages to train, >= 1)")
 
 
 def _bad(key: str, value, hint: str):

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
+from transferkit.choices import CAM_METHODS, check_choice
 from transferkit.core.fileio import ensure_writable_dir
 from transferkit.errors import TransferkitError
-
-CAM_METHODS = ("gradcam", "gradcam++", "scorecam")
 
 
 def explain(model_spec, images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, method: str = "gradcam",
@@ -36,8 +35,7 @@ def explain(model_spec, images: Sequence[str | os.PathLike], out_dir: str | os.P
     from transferkit.reports.plots import cam_overlay_png
     from transferkit.use.predict import expand_inputs
 
-    if method not in CAM_METHODS:
-        raise TransferkitError(f"unknown CAM method {method!r}; use one of {', '.join(CAM_METHODS)}")
+    check_choice("CAM method", method, CAM_METHODS)
     paths = expand_inputs(images)
     predictor = load_predictor(model_spec, select_device(device))
     if not isinstance(predictor, ClassifierPredictor):

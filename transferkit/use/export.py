@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transferkit.choices import EXPORT_FORMATS, check_choice
 from transferkit.core.fileio import atomic_path, sha256_file, write_json
 from transferkit.errors import TransferkitError
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 PARITY_TOLERANCE = 1e-3
 GENERATED_CHECK_IMAGES = 4
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -38,8 +39,7 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
     from transferkit.models.predictors import load_predictor
     from transferkit.models.saved_model import find_checkpoint, read_checkpoint_metadata
 
-    if format not in FORMATS:
-        raise TransferkitError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
+    check_choice("export format", format, EXPORT_FORMATS)
     if opset is not None and format != "onnx":
         raise TransferkitError("--opset applies to --format onnx only")
     checkpoint = find_checkpoint(model_spec)
@@ -174,7 +174,7 @@ def _onnx_opset(path: Path) -> int | None:
 def _default_out(model_spec, checkpoint: Path, format: str) -> Path:
     """Beside a local checkpoint; in the working folder for an MLflow URI (its download folder is a cache)."""
     folder = Path.cwd() if "://" in str(model_spec) or str(model_spec).startswith(("runs:/", "models:/")) else checkpoint.parent
-    return folder / (checkpoint.stem + FORMATS[format])
+    return folder / (checkpoint.stem + SUFFIXES[format])
 
 
 def _step_args(step) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from transferkit.choices import TTA_MODES, check_choice
 from transferkit.core.fileio import atomic_path, write_json
 from transferkit.data.decode import ImageDecodeError, is_image_file, load_image
 from transferkit.errors import TransferkitError
@@ -164,10 +165,7 @@ class _ViewsDataset(Dataset):
 
 
 def check_tta(tta: str) -> None:
-    from transferkit.data.augment import TTA_MODES
-
-    if tta not in TTA_MODES:
-        raise TransferkitError(f"unknown --tta {tta!r}; use one of {', '.join(TTA_MODES)}")
+    check_choice("--tta", tta, TTA_MODES)
 
 
 def _check_batch_size(batch_size: int) -> None:

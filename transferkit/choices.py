@@ -1,0 +1,42 @@
+"""Every allowed value of every setting, in one place: the CLI's ``click.Choice`` and the Python API both read
+these tuples, so a new strategy or pool is added once. Pure data (no torch, no cv2) so the CLI imports it for
+free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from transferkit.errors import TransferkitError
+
+# finetune (keys of transferkit.train.config.TrainConfig)
+STRATEGIES = ("linear-probe", "full", "freeze-unfreeze", "discriminative", "partial:N")  # N = last stages to train
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "plateau", "none")
+BALANCE = ("none", "weights", "sampler")
+MONITORS = ("val_loss", "val_acc", "val_macro_f1")
+AUG_PRESETS = ("none", "light", "medium", "heavy")  # or an albumentations YAML file
+
+# preprocessing and input pipeline
+RESIZE_MODES = ("crop", "squash", "letterbox")
+CACHE_MODES = ("none", "memory", "disk")
+TTA_MODES = ("none", "hflip", "five-crop", "ten-crop")  # evaluate / predict
+TTA_VIEWS = {"none": 1, "hflip": 2, "five-crop": 5, "ten-crop": 10}
+
+# frozen features and classical heads
+POOLS = ("avg", "max", "avgmax", "token")
+FEATURE_TTA_MODES = ("none", "hflip")  # a feature vector per image: no crops to average
+FEATURE_DTYPES = ("float32", "float16")
+FEATURE_SPLITS = ("all", "train", "val", "test")
+HEAD_MODELS = ("linear-svm", "rbf-svm", "logistic")
+
+# using a model
+EXPORT_FORMATS = ("onnx", "torchscript")
+CAM_METHODS = ("gradcam", "gradcam++", "scorecam")
+
+
+def check_choice(what: str, value, allowed: Iterable[str]) -> None:
+    """One-line error naming the setting and its allowed values."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise TransferkitError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
