@@ -48,7 +48,7 @@ def read_metrics(run_dir: Path, drop_timing: bool = True) -> list[dict]:
     return [{k: v for k, v in row.items() if not (drop_timing and k in TIMING_COLUMNS)} for row in rows]
 
 
-STRATEGY_EPOCHS = {"linear-probe": 1, "full": 1, "freeze-unfreeze": 2, "discriminative": 1, "partial:1": 1}
+STRATEGY_EPOCHS = {"linear-probe": 1, "full": 1, "freeze-unfreeze": 1, "discriminative": 1, "partial:1": 1}  # any budget >= 1
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGY_EPOCHS))

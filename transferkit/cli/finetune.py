@@ -1,66 +1,117 @@
-"""`transferkit finetune`: train a timm backbone with a new head on an image folder.
+"""`transferkit finetune` and `transferkit lr-find`: train a timm backbone with a new head on an image folder.
 
-Options left unset fall back to the recipe (``--recipe``), then to the built-in defaults
-(:class:`transferkit.train.config.TrainConfig`). Under ``torchrun --nproc-per-node N -m transferkit finetune``
-the same command trains with DistributedDataParallel; ``--batch-size`` is then the global batch.
+Every :class:`transferkit.train.config.TrainConfig` key is a flag here, generated from the config's own fields
+(``--key-name VALUE``, booleans as ``--key/--no-key``), and may also be given Ultralytics-style as ``key=value``
+arguments. Either way the value goes through the same checks as a recipe key. Options left unset fall back to
+the recipe (``--recipe``), then to the built-in defaults. Under ``torchrun --nproc-per-node N -m transferkit
+finetune`` the same command trains with DistributedDataParallel; ``--batch-size`` is then the global batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 
 import click
+import yaml
 
-from transferkit import choices
 from transferkit.cli import main
 from transferkit.cli.options import weights_options
+from transferkit.train import config as train_config
+
+WEIGHTS_KEYS = ("weights", "weights_config", "pretrained")  # from the shared weights_options
+
+
+def config_options(func):
+    """One flag per config key, with its help and default; values stay text until the config checks them."""
+    for spec in reversed(dataclasses.fields(train_config.TrainConfig)):
+        if spec.name in WEIGHTS_KEYS:
+            continue
+        flag = "--" + spec.name.replace("_", "-")
+        help_text = f"{spec.metadata['help']} [default: {_shown(spec.default)}]"
+        if spec.type == "bool":
+            option = click.option(f"{flag}/--no-{spec.name.replace('_', '-')}", spec.name, default=None, help=help_text)
+        else:
+            choices = train_config.CHOICE_KEYS.get(spec.name)
+            metavar = "[" + "|".join(choices) + "]" if choices else _metavar(spec.type)
+            option = click.option(flag, spec.name, default=None, metavar=metavar, help=help_text)
+        func = option(func)
+    return func
+
+
+def _shown(default) -> str:
+    return "unset" if default is None or default == "" else str(default).lower() if isinstance(default, bool) else str(default)
+
+
+def _metavar(kind: str) -> str:
+    base = kind.replace(" | None", "")
+    return {"int": "INT", "float": "FLOAT"}.get(base, "TEXT")
+
+
+def parse_overrides(pairs) -> dict:
+    """``("lr=3e-4", "aug=none")`` → ``{"lr": 0.0003, "aug": "none"}``; values read as YAML, like a recipe line."""
+    from transferkit.errors import TransferkitError
+
+    values = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise TransferkitError(f"unexpected argument {pair!r}; give settings as key=value (e.g. lr=3e-4) or --flags")
+        try:
+            values[key.strip().replace("-", "_")] = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            values[key.strip().replace("-", "_")] = text
+    return values
+
+
+def finetune_command(func):
+    """The inputs finetune and lr-find share: recipe, weights, every config key, key=value overrides."""
+
+    @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe (see recipes/); flags override it.")
+    @weights_options
+    @config_options
+    @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def command_line_settings(overrides, options: dict) -> dict:
+    """The settings given on the command line, as key=value arguments or flags (unset flags left out)."""
+    given = {**parse_overrides(overrides), **{k: v for k, v in options.items() if v is not None}}
+    if given.get("pretrained") is True:
+        given.pop("pretrained")  # the flag's default: leave it to the recipe
+    return given
+
+
+def resolve_options(recipe, overrides, options: dict):
+    """The config of a new run from the command line: defaults < recipe < key=value and flags."""
+    from transferkit.errors import TransferkitError
+
+    config = train_config.resolve_config(recipe, command_line_settings(overrides, options))
+    for key in ("backbone", "data"):
+        if not getattr(config, key):
+            raise TransferkitError(f"finetune needs --{key} (or a --recipe that sets {key}:)")
+    return config
 
 
 @main.command()
-@click.option("--backbone", help="timm model name (see `transferkit backbones`).")
-@click.option("--data", type=click.Path(), help="Image folder (class folders or train/val split folders) or labels CSV.")
-@click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe (see recipes/); flags override it.")
-@weights_options
-@click.option("--epochs", type=int, help="Epochs to train (default 10).")
-@click.option("--batch-size", type=int, help="Batch size; the global batch under torchrun (default 16).")
-@click.option("--accum-steps", type=int, help="Gradient accumulation steps per optimizer step (default 1).")
-@click.option("--lr", type=float, help="Learning rate of the head (default 1e-3).")
-@click.option("--img-size", type=int, help="Input size instead of the backbone's own.")
-@click.option("--strategy", help=f"{' | '.join(choices.STRATEGIES)} (default freeze-unfreeze).")
-@click.option("--aug", help=f"Augmentation preset ({', '.join(choices.AUG_PRESETS)}) or albumentations YAML file.")
-@click.option("--resize-mode", type=click.Choice(choices.RESIZE_MODES), help="How images fit the input.")
-@click.option("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
-@click.option("--amp/--no-amp", default=None, help="Mixed precision on GPU (bf16 where supported, else fp16).")
-@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
-@click.option("--sync-bn", is_flag=True, default=None, help="SyncBatchNorm across processes under torchrun.")
-@click.option("--seed", type=int, help="Random seed (default 0): same seed, same metrics on CPU.")
-@click.option("--out", type=click.Path(file_okay=False), help="Parent folder of run folders (default runs/).")
-@click.option("--name", help="Run folder name (default <backbone>-<strategy>-<timestamp>).")
+@finetune_command
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the unfinished run in this folder.")
-@click.option("--workers", type=int, help="Data loading processes (default: CPU count - 1, at most 8).")
-@click.option("--balance", type=click.Choice(choices.BALANCE), help="Class-imbalance handling.")
-@click.option("--cache", type=click.Choice(choices.CACHE_MODES), help="Keep decoded images between epochs.")
-@click.option("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
-@click.option("--experiment", help="MLflow experiment name.")
-@click.option("--no-track", is_flag=True, help="Do not log to MLflow.")
-@click.option("--register", help="Register the best model in the MLflow model registry under this name.")
-def finetune(recipe, resume, no_track, compile_, **options):
-    """Finetune BACKBONE on DATA; writes runs/<name>/ (checkpoints, metrics.csv, curves.png, config.yaml)."""
-    from transferkit.errors import TransferkitError
-    from transferkit.train import finetune as run_finetune
-    from transferkit.train.config import resolve_config, resume_config
+def finetune(recipe, resume, overrides, **options):
+    """Finetune BACKBONE on DATA; writes runs/<name>/ (checkpoints, metrics.csv, curves.png, config.yaml).
 
-    options["compile"] = compile_
-    options["track"] = False if no_track else None
-    if options["pretrained"]:
-        options["pretrained"] = None  # the flag's default: leave it to the recipe
+    Any setting may also be given as KEY=VALUE (e.g. `lr=3e-4 aug=none`), checked like a recipe key.
+    """
+    from transferkit.train import finetune as run_finetune
+
     if resume:
-        config = resume_config(resume, options)
+        config = train_config.resume_config(resume, command_line_settings(overrides, options))
     else:
-        config = resolve_config(recipe, options)
-        for key in ("backbone", "data"):
-            if not getattr(config, key):
-                raise TransferkitError(f"finetune needs --{key} (or a --recipe that sets {key}:)")
+        config = resolve_options(recipe, overrides, options)
     result = run_finetune(config, resume=resume, recipe=recipe)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         click.echo(result.summary())

@@ -77,10 +77,15 @@ class ClassifierPredictor(Predictor):
         )
         return cls(model, metadata, device)
 
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature fitted on val after training (1 when the model was not calibrated)."""
+        return float(self.metadata.get("temperature", 1.0))
+
     @torch.inference_mode()
     def predict_proba_tensor(self, batch: torch.Tensor) -> np.ndarray:
         from transferkit.core.runtime import autocast, to_device
 
         with autocast(self.device):
             logits = self.model(to_device(batch, self.device))
-        return logits.float().softmax(-1).cpu().numpy()
+        return (logits.float() / self.temperature).softmax(-1).cpu().numpy()

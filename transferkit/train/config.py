@@ -10,74 +10,113 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from transferkit import choices
-from transferkit.data.augment import preset_path
 from transferkit.errors import TransferkitError
 
+# The keys that take one of a fixed set of values (strategy is parsed: partial:N), for validation and the CLI.
+CHOICE_KEYS = {"strategy": choices.STRATEGIES, "optimizer": choices.OPTIMIZERS, "scheduler": choices.SCHEDULERS,
+               "balance": choices.BALANCE, "monitor": choices.MONITORS, "resize_mode": choices.RESIZE_MODES,
+               "cache": choices.CACHE_MODES}
 # What may differ when a run is resumed: where and how it runs, and how long; never what it learns.
 RESUME_OVERRIDABLE = ("device", "workers", "cache", "track", "tracking_uri", "experiment", "register")
+AUTO_AUG = {"linear-probe": "none"}  # aug left unset: a linear probe gets the feature cache, the rest "light"
+DEFAULT_AUG = "light"
+AUTO_KEYS = ("lr",)  # keys that also take the value "auto" (lr: the LR range test picks it)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A parsed ``strategy`` value: its name and, for ``partial:N``, the number of last stages that train."""
+
+    name: str
+    stages: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.stages}" if self.stages is not None else self.name
+
+
+def parse_strategy(text: str) -> Strategy:
+    """``"partial:2"`` → ``Strategy("partial", 2)``; the one place a strategy string is read."""
+    name, _, arg = str(text).partition(":")
+    if name == "partial" and arg.isdigit() and int(arg) > 0:
+        return Strategy(name, int(arg))
+    if arg or name not in choices.STRATEGIES:
+        _bad("strategy", text, f"use one of {', '.join(choices.STRATEGIES)} (N = number of last stages to train, >= 1)")
+    return Strategy(name)
+
+
+def setting(default, help: str):
+    """A config field with its one-line help, which ``transferkit finetune --help`` shows beside the flag."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     """Everything a finetune run depends on. Defaults follow timm / fastai fine-tuning practice."""
 
-    backbone: str = ""
-    data: str = ""
-    weights: str | None = None
-    weights_config: str | None = None
-    pretrained: bool = True
-    img_size: int | None = None
-    val_ratio: float = 0.2
+    backbone: str = setting("", "timm model name (see `transferkit backbones`).")
+    data: str = setting("", "Image folder (class folders or train/val split folders) or labels CSV.")
+    weights: str | None = setting(None, "Local weights file instead of the hub's.")
+    weights_config: str | None = setting(None, "JSON stating what a bare weights file needs.")
+    pretrained: bool = setting(True, "Start from pretrained weights (false: random init).")
+    img_size: int | None = setting(None, "Input size instead of the backbone's own.")
+    val_ratio: float = setting(0.2, "Share of each class held out for validation when the data has no val split.")
     # what trains
-    strategy: str = "freeze-unfreeze"
-    freeze_epochs: int = 1  # freeze-unfreeze: head-only epochs before the whole model trains
-    unfreeze_lr_scale: float = 0.5  # freeze-unfreeze: head LR multiplier once everything trains
-    layer_decay: float = 0.75  # discriminative and freeze-unfreeze's 2nd phase: LR × this per layer from head to stem
-    train_bn: bool = False  # let BatchNorm in frozen parts update its statistics and affine params
+    strategy: str = setting("freeze-unfreeze", "What trains: " + " | ".join(choices.STRATEGIES) + ".")
+    lp_ft: bool = setting(True, "freeze-unfreeze: first fit the new head on features cached once (LP-FT), "
+                                "costing no epoch, then train everything for `epochs`.")
+    freeze_epochs: int = setting(0, "freeze-unfreeze: head-only epochs over the images before everything trains.")
+    unfreeze_lr_scale: float = setting(0.5, "freeze-unfreeze: LR multiplier once everything trains.")
+    layer_decay: float = setting(0.75, "discriminative / freeze-unfreeze: LR x this per layer group from head to stem.")
+    train_bn: bool = setting(False, "Let BatchNorm in frozen parts update its statistics and affine params.")
     # optimisation
-    epochs: int = 10
-    batch_size: int = 16
-    accum_steps: int = 1
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    weight_decay: float = 0.01
-    scheduler: str = "cosine"
-    warmup_epochs: int = 0
-    min_lr: float = 1e-6
-    plateau_patience: int = 2  # plateau: epochs without val-loss progress before LR ÷ 10
-    early_stopping: int = 5  # epochs without progress on `monitor` before stopping; 0 = never
-    monitor: str = "val_loss"
-    label_smoothing: float = 0.1
-    mixup: float = 0.0  # mixup alpha; 0 = off
-    cutmix: float = 0.0  # cutmix alpha; 0 = off
-    grad_clip: float | None = None  # max gradient norm
-    balance: str = "none"
+    epochs: int = setting(10, "Epochs over the training images.")
+    batch_size: int = setting(16, "Batch size; the global batch under torchrun.")
+    accum_steps: int = setting(1, "Gradient accumulation steps per optimizer step.")
+    lr: float = setting(1e-3, "Learning rate of the head, or auto (LR range test before training).")
+    optimizer: str = setting("adamw", "Optimizer (timm's factory).")
+    momentum: float = setting(0.9, "SGD momentum.")
+    weight_decay: float = setting(0.01, "Weight decay (not on biases and norms).")
+    scheduler: str = setting("cosine", "LR schedule: cosine (with warmup), plateau (/10 when val loss stalls), none.")
+    warmup_epochs: int = setting(0, "cosine: epochs of linear LR warmup.")
+    min_lr: float = setting(1e-6, "Lowest LR of the schedule.")
+    plateau_patience: int = setting(2, "plateau: epochs without val-loss progress before LR / 10.")
+    early_stopping: int = setting(5, "Epochs without progress on `monitor` before stopping; 0 = never.")
+    monitor: str = setting("val_loss", "Metric that picks the best epoch and drives early stopping.")
+    label_smoothing: float = setting(0.1, "Label smoothing of the training loss.")
+    mixup: float = setting(0.0, "Mixup alpha; 0 = off.")
+    cutmix: float = setting(0.0, "CutMix alpha; 0 = off.")
+    grad_clip: float | None = setting(None, "Max gradient norm; unset = no clipping.")
+    balance: str = setting("none", "Class imbalance: none, weights (loss weights) or sampler (balanced batches).")
+    ema: bool = setting(False, "Keep an exponential moving average of the weights (timm ModelEmaV3); validation "
+                               "scores it and the better of raw and averaged weights is saved.")
+    ema_decay: float = setting(0.998, "EMA decay per update (warmed up from 0 over the first updates).")
+    calibrate: bool = setting(True, "Fit a softmax temperature on the val split after training; predictors apply it.")
     # data pipeline
-    aug: str = "light"
-    resize_mode: str = "crop"
-    cache: str = "none"
-    workers: int | None = None
+    aug: str | None = setting(None, f"Augmentation preset ({', '.join(choices.AUG_PRESETS)}) or albumentations YAML; "
+                                    "unset: none for linear-probe (features cached once), light otherwise.")
+    resize_mode: str = setting("crop", "How images fit the input: crop, squash or letterbox.")
+    cache: str = setting("none", "Keep decoded images between epochs: none, memory or disk.")
+    workers: int | None = setting(None, "Data loading processes (default: CPU count - 1, at most 8).")
     # runtime
-    device: str = "auto"
-    amp: bool = True
-    compile: bool = False
-    sync_bn: bool = False
-    seed: int = 0
+    device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
+    amp: bool = setting(True, "Mixed precision on GPU (bf16 where supported, else fp16).")
+    compile: bool = setting(False, "torch.compile the model.")
+    sync_bn: bool = setting(False, "SyncBatchNorm across processes under torchrun.")
+    seed: int = setting(0, "Random seed: same seed, same metrics on CPU.")
     # outputs and tracking
-    out: str = "runs"
-    name: str | None = None
-    track: bool = True
-    tracking_uri: str | None = None
-    experiment: str | None = None
-    register: str | None = None
+    out: str = setting("runs", "Parent folder of run folders.")
+    name: str | None = setting(None, "Run folder name (default <backbone>-<strategy>-<timestamp>).")
+    track: bool = setting(True, "Log the run to MLflow.")
+    tracking_uri: str | None = setting(None, "MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
+    experiment: str | None = setting(None, "MLflow experiment name (default: the dataset folder's name).")
+    register: str | None = setting(None, "Register the best model in the MLflow model registry under this name.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,18 +128,19 @@ class TrainConfig:
             tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @property
-    def strategy_name(self) -> str:
-        return self.strategy.split(":")[0]
-
-    @property
-    def partial_stages(self) -> int:
-        """N of ``partial:N``."""
-        return int(self.strategy.split(":")[1])
+    def parsed_strategy(self) -> Strategy:
+        """The parsed ``strategy``."""
+        return parse_strategy(self.strategy)
 
     @property
     def uses_feature_cache(self) -> bool:
         """A linear probe that sees every image the same way each epoch: extract features once."""
-        return self.strategy == "linear-probe" and self.aug == "none" and not (self.mixup or self.cutmix)
+        return self.parsed_strategy.name == "linear-probe" and self.aug == "none" and not (self.mixup or self.cutmix)
+
+    @property
+    def head_on_features(self) -> bool:
+        """freeze-unfreeze with LP-FT: the new head is fitted on cached features before the body unfreezes."""
+        return self.parsed_strategy.name == "freeze-unfreeze" and self.lp_ft
 
 
 KEYS = tuple(f.name for f in fields(TrainConfig))
@@ -113,6 +153,8 @@ def resolve_config(recipe: str | os.PathLike | None = None, overrides: Mapping[s
         values.update(_check_keys(read_recipe(recipe), f"recipe {recipe}"))
     values.update(_check_keys({k: v for k, v in (overrides or {}).items() if v is not None}, "options"))
     config = TrainConfig(**{key: _coerce(key, value) for key, value in values.items()})
+    if config.aug is None:
+        config.aug = AUTO_AUG.get(parse_strategy(config.strategy).name, DEFAULT_AUG)
     validate(config)
     return config
 
@@ -149,14 +191,14 @@ def read_recipe(path: str | os.PathLike) -> dict:
 
 def validate(config: TrainConfig) -> None:
     """Reject values that would fail (or silently misbehave) later, naming the key."""
-    allowed_values = {"optimizer": choices.OPTIMIZERS, "scheduler": choices.SCHEDULERS, "balance": choices.BALANCE,
-                      "cache": choices.CACHE_MODES, "resize_mode": choices.RESIZE_MODES, "monitor": choices.MONITORS}
-    for key, allowed in allowed_values.items():
-        if getattr(config, key) not in allowed:
+    for key, allowed in CHOICE_KEYS.items():
+        if key != "strategy" and getattr(config, key) not in allowed:
             _bad(key, getattr(config, key), f"use one of {', '.join(allowed)}")
-    _check_strategy(config.strategy)
+    from transferkit.data.augment import preset_path
+
+    strategy = parse_strategy(config.strategy)
     preset_path(config.aug)  # a preset name or an existing albumentations file
-    positive = ("epochs", "batch_size", "accum_steps", "lr")
+    positive = ("epochs", "batch_size", "accum_steps") + (() if config.lr == "auto" else ("lr",))
     non_negative = ("freeze_epochs", "warmup_epochs", "min_lr", "plateau_patience", "early_stopping", "weight_decay",
                     "mixup", "cutmix", "momentum", "seed")
     for key in positive:
@@ -168,15 +210,17 @@ def validate(config: TrainConfig) -> None:
     for key in ("label_smoothing", "val_ratio"):
         if not 0 <= getattr(config, key) < 1:
             _bad(key, getattr(config, key), "it must be in [0, 1)")
-    for key in ("layer_decay", "unfreeze_lr_scale"):
+    for key in ("layer_decay", "unfreeze_lr_scale", "ema_decay"):
         if not 0 < getattr(config, key) <= 1:
             _bad(key, getattr(config, key), "it must be in (0, 1]")
     for key in ("img_size", "workers", "grad_clip"):
         value = getattr(config, key)
         if value is not None and value < (1 if key == "img_size" else 0):
             _bad(key, value, "it must be a positive number or null")
-    if config.strategy == "freeze-unfreeze" and config.freeze_epochs >= config.epochs:
-        _bad("freeze_epochs", config.freeze_epochs, f"freeze-unfreeze needs fewer head-only epochs than epochs={config.epochs}")
+    if strategy.name == "freeze-unfreeze" and config.freeze_epochs >= config.epochs:
+        _bad("freeze_epochs", config.freeze_epochs,
+             f"freeze-unfreeze with {config.freeze_epochs} head-only epochs needs epochs >= {config.freeze_epochs + 1} "
+             f"(or freeze_epochs: 0, the default, where the head is fitted on cached features at no epoch's cost)")
     if config.balance == "weights" and (config.mixup or config.cutmix):
         _bad("balance", "weights", "class weights do not apply to mixed soft targets; use balance: sampler with mixup/cutmix")
 
@@ -192,6 +236,8 @@ def _coerce(key: str, value):
     """YAML/CLI value → the field's type (ints accepted for floats, numeric strings for numbers)."""
     kind = TrainConfig.__dataclass_fields__[key].type
     optional = "None" in kind
+    if key in AUTO_KEYS and value == "auto":
+        return value
     if value is None:
         if optional:
             return None
@@ -217,14 +263,6 @@ def _coerce(key: str, value):
     except (TypeError, ValueError):
         _bad(key, value, f"expected {'true/false' if base == 'bool' else 'a number' if base in ('int', 'float') else 'a string'}")
     return value
-
-
-def _check_strategy(strategy: str) -> None:
-    name, _, arg = strategy.partition(":")
-    if name == "partial" and arg.isdigit() and int(arg) > 0:
-        return
-    if arg or name not in choices.STRATEGIES:
-        _bad("strategy", strategy, f"use one of {', '.join(choices.STRATEGIES)} (N = number of last stages to train, >= 1)")
 
 
 def _bad(key: str, value, hint: str):

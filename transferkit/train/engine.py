@@ -96,6 +96,7 @@ class _Run:
         self.phases = phases(config)
         self.history: list[dict] = []
         self.best: dict | None = None
+        self.best_extra: dict = {}  # metadata of the best checkpoint beyond its epoch row (calibration, weights)
         self.bad_epochs = 0
 
     # ------------------------------------------------------------------ setup, all checked before training
@@ -199,6 +200,8 @@ class _Run:
             self.tracker = tracker
             self._log_data()
             stopped_early = self._train()
+            if config.calibrate:
+                self._calibrate()
             model_uri = self._finish(stopped_early)
         return RunResult(self.run_dir, self.best["epoch"], self.best, self.history, stopped_early, model_uri)
 
@@ -206,6 +209,8 @@ class _Run:
         config = self.config
         self._build_data()
         start_epoch = self._restore()
+        if config.head_on_features and self.state is None:
+            self._fit_head()
         phase = None
         for epoch in range(start_epoch, config.epochs):
             if phase is None or phase_at(self.phases, epoch) != phase:
@@ -240,10 +245,16 @@ class _Run:
 
         self.model = prepare_model(self.model, self.device)
         val_set = images(val, eval_transform)
+        self.head_features = None
+        if config.uses_feature_cache or (config.head_on_features and self.state is None):
+            self.head_features = self._features(images(train, eval_transform), val_set)
         if config.uses_feature_cache:
-            train_set, val_set = self._features(images(train, eval_transform), val_set)
+            train_set, val_set = self.head_features
             self.forward = self.model.get_classifier()
         else:
+            if config.parsed_strategy.name == "linear-probe":
+                self._say(f"linear probe with aug {config.aug!r}: the frozen backbone runs every epoch "
+                          "(leave aug unset for features extracted once)")
             train_set = images(train, build_train_transform(self.data_config, config.aug, config.resize_mode))
             self.forward = self.model
             if config.sync_bn and world > 1:
@@ -269,9 +280,21 @@ class _Run:
         for dataset in (train_set, val_set):
             loader = make_loader(dataset, self.config.batch_size, workers=self.config.workers, device=self.device)
             sets.append(loaders.feature_dataset(*compute_features(self.model, loader, self.device, amp=self.amp)))
-        self._say(f"features extracted once for the linear probe in {time.perf_counter() - started:.1f} s "
+        self._say(f"features extracted once for the head in {time.perf_counter() - started:.1f} s "
                   f"({len(train_set)} train, {len(val_set)} val images)")
         return sets
+
+    def _fit_head(self) -> None:
+        """LP-FT: the new head trained to convergence on the cached features before any epoch."""
+        from transferkit.train.head_phase import fit_head_on_features
+
+        config = self.config
+        fit = fit_head_on_features(self.model.get_classifier(), *self.head_features, weight_decay=config.weight_decay,
+                                   label_smoothing=config.label_smoothing, seed=config.seed)
+        self.head_features = None
+        self._say(fit.summary())
+        self.tracker.log_metrics({"head_fit_epochs": fit.epochs, "head_fit_val_loss": fit.val_loss,
+                                  "head_fit_val_acc": fit.val_acc, "head_fit_seconds": fit.seconds})
 
     def _losses(self):
         config = self.config
@@ -322,7 +345,7 @@ class _Run:
             self.schedule.load_state_dict(self.state["schedule"])
             if self.state["scaler"]:  # empty when saved without fp16 (e.g. a CPU run resumed on a GPU)
                 self.scaler.load_state_dict(self.state["scaler"])
-        self._say(f"phase {phase.index + 1}/{len(self.phases)}: training {phase.trainable} "
+        self._say(f"phase {self.phases.index(phase) + 1}/{len(self.phases)}: training {phase.trainable} "
                   f"({trainable:,} parameters), lr {config.lr * phase.lr_scale:g}")
         return phase
 
@@ -375,12 +398,18 @@ class _Run:
             bar.close()
         return loss_sum / count, correct / count, int(count)
 
-    @torch.inference_mode()
-    def _evaluate(self) -> dict:
+    def _evaluate(self, module: nn.Module | None = None) -> dict:
         """Val loss (plain cross-entropy), accuracy and macro-F1 over the whole val split, on every rank."""
         from transferkit.reports.metrics import classification_metrics
 
-        module = self.forward
+        labels, logits = self._val_logits(module or self.forward)
+        metrics = classification_metrics(labels.numpy(), logits.softmax(1).numpy(), self.classes, topk=(1,))
+        return {"val_loss": F.cross_entropy(logits, labels).item(), "val_acc": metrics["accuracy"],
+                "val_macro_f1": metrics["macro_f1"]}
+
+    @torch.inference_mode()
+    def _val_logits(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(labels, logits)`` of the whole val split in order, gathered from every rank."""
         module.eval()
         rows = []
         offset = 0
@@ -396,11 +425,7 @@ class _Run:
         gathered = np.concatenate(distributed.gather_rows(mine, math.ceil(self.n_val / distributed.world_size()),
                                                           width, self.device))
         gathered = gathered[np.argsort(gathered[:, 0], kind="stable")]
-        labels = torch.from_numpy(gathered[:, 1]).long()
-        logits = torch.from_numpy(np.ascontiguousarray(gathered[:, 2:]))
-        metrics = classification_metrics(labels.numpy(), logits.softmax(1).numpy(), self.classes, topk=(1,))
-        return {"val_loss": F.cross_entropy(logits, labels).item(), "val_acc": metrics["accuracy"],
-                "val_macro_f1": metrics["macro_f1"]}
+        return torch.from_numpy(gathered[:, 1]).long(), torch.from_numpy(np.ascontiguousarray(gathered[:, 2:]))
 
     def _record(self, row: dict) -> bool:
         """Append ``row`` to the history; True when it is the new best on ``monitor``."""
@@ -423,9 +448,9 @@ class _Run:
     def _commit(self, epoch: int, phase: Phase, improved: bool) -> None:
         """Write the epoch's outputs; ``resume.pt`` last, as the commit point."""
         if distributed.is_main():
-            self._save_model("last", epoch)
+            self._save_model("last", self.history[-1])
             if improved:
-                self._save_model("best", epoch)
+                self._save_model("best", self.best, **self.best_extra)
             self._write_metrics()
             self.tracker.log_metrics({k: v for k, v in self.history[-1].items() if k != "epoch"}, step=epoch + 1)
             resume_state.save_state(self.run_dir, {
@@ -437,6 +462,21 @@ class _Run:
                 "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
             })
         distributed.barrier()
+
+    def _calibrate(self) -> None:
+        """Temperature scaling of the best checkpoint on val, written into its metadata (see :mod:`.calibration`)."""
+        from safetensors.torch import load_file
+
+        from transferkit.train.calibration import calibrate
+
+        self.model.load_state_dict(load_file(str(self.run_dir / "best.safetensors"), device=str(self.device)))
+        labels, logits = self._val_logits(self.forward)
+        fit = calibrate(logits, labels)
+        if distributed.is_main():
+            self.best_extra["calibration"] = fit.metrics()
+            self._save_model("best", self.best, temperature=fit.temperature, **self.best_extra)
+            self.tracker.log_metrics(fit.metrics())
+        self._say(fit.summary())
 
     def _finish(self, stopped_early: bool) -> str | None:
         if not distributed.is_main():
@@ -451,6 +491,7 @@ class _Run:
         write_json(self.run_dir / resume_state.COMPLETE_FILE, {
             "best_epoch": self.best["epoch"], "best": self.best, "epochs_run": len(self.history),
             "stopped_early": stopped_early, "mlflow_run_id": self.tracker.run_id, "model_uri": model_uri,
+            **self.best_extra,
         })
         return model_uri
 
@@ -490,13 +531,14 @@ class _Run:
 
     # ------------------------------------------------------------------ outputs
 
-    def _save_model(self, stem: str, epoch: int) -> None:
+    def _save_model(self, stem: str, row: dict, model: nn.Module | None = None, **extra) -> None:
+        """Checkpoint ``stem`` of the epoch ``row``: ``model`` (default: the model training), ``extra`` metadata."""
         metadata = checkpoint_metadata(
             self.model, kind="classifier", class_names=self.classes, data_config=self.data_config,
             resize_mode=self.config.resize_mode, recipe=self.config.to_dict(), split=self.index.records(),
-            epoch=epoch + 1, metrics=self.history[-1], dataset_fingerprint=self.fingerprint,
+            epoch=row["epoch"], metrics=row, dataset_fingerprint=self.fingerprint, **extra,
         )
-        save_checkpoint(self.run_dir / stem, self.model, metadata)
+        save_checkpoint(self.run_dir / stem, model or self.model, metadata)
 
     def _write_split(self) -> None:
         with atomic_path(self.run_dir / "split.csv") as tmp, open(tmp, "w", newline="") as fh:

@@ -27,21 +27,29 @@ class Phase:
     lr_scale: float = 1.0
     layer_decay: float | None = None
 
+    @property
+    def last_stages(self) -> int:
+        """N of ``last:N``."""
+        return int(self.trainable.partition(":")[2])
+
 
 def phases(config: TrainConfig) -> list[Phase]:
-    name = config.strategy_name
-    if name == "linear-probe":
+    """The epochs of ``config`` as phases. Every strategy takes any ``epochs`` >= 1: freeze-unfreeze's head
+    phase is fitted on cached features before epoch 1 (LP-FT, see :mod:`.head_phase`) unless ``freeze_epochs``
+    asks for head-only epochs over the images, which config validation keeps below ``epochs``."""
+    strategy = config.parsed_strategy
+    if strategy.name == "linear-probe":
         return [Phase(0, 0, config.epochs, "head")]
-    if name == "full":
+    if strategy.name == "full":
         return [Phase(0, 0, config.epochs, "all")]
-    if name == "discriminative":
+    if strategy.name == "discriminative":
         return [Phase(0, 0, config.epochs, "all", layer_decay=config.layer_decay)]
-    if name == "partial":
-        return [Phase(0, 0, config.epochs, f"last:{config.partial_stages}")]
+    if strategy.name == "partial":
+        return [Phase(0, 0, config.epochs, f"last:{strategy.stages}")]
     # freeze-unfreeze, fastai's fine_tune: the head alone, then everything with discriminative LRs
     k = config.freeze_epochs
-    return [Phase(0, 0, k, "head"),
-            Phase(1, k, config.epochs - k, "all", lr_scale=config.unfreeze_lr_scale, layer_decay=config.layer_decay)]
+    unfrozen = Phase(1, k, config.epochs - k, "all", lr_scale=config.unfreeze_lr_scale, layer_decay=config.layer_decay)
+    return [Phase(0, 0, k, "head"), unfrozen] if k else [unfrozen]
 
 
 def phase_at(all_phases: list[Phase], epoch: int) -> Phase:
@@ -69,7 +77,7 @@ def apply_trainable(model: nn.Module, phase: Phase, train_bn: bool) -> int:
         chosen = {n for n, _ in model.named_parameters() if _in(n, heads)}
         if phase.trainable.startswith("last:"):
             stages = stage_groups(model)
-            for names in stages[-int(phase.trainable.split(":")[1]):]:
+            for names in stages[-phase.last_stages:]:
                 chosen.update(names)
     if train_bn:
         chosen.update(f"{m}.{p}" for m, module in model.named_modules() if _is_bn(module)
@@ -95,7 +103,6 @@ def _is_bn(module: nn.Module) -> bool:
 
 def _in(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
-
 
 
 def reset_head(model: nn.Module) -> None:

@@ -1,0 +1,132 @@
+"""Defaults that do the right thing: any epoch budget, the linear-probe fast path, every setting on the
+command line, and LP-FT's head phase on cached features."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_finetune import BACKBONE, config_for, one_torch_thread, run_cli  # noqa: F401  (autouse fixture)
+
+from transferkit.cli import main
+from transferkit.errors import TransferkitError
+from transferkit.train import finetune
+from transferkit.train.config import TrainConfig, parse_strategy, resolve_config
+
+
+def test_strategy_is_parsed_once_into_name_and_stages():
+    assert parse_strategy("partial:2") == parse_strategy("partial:2") and parse_strategy("partial:2").stages == 2
+    assert parse_strategy("full").name == "full" and str(parse_strategy("partial:3")) == "partial:3"
+    with pytest.raises(TransferkitError, match="bad value for strategy"):
+        parse_strategy("partial:0")
+
+
+def test_freeze_unfreeze_says_what_head_only_epochs_need():
+    with pytest.raises(TransferkitError, match="needs epochs >= 3"):
+        resolve_config(None, {"strategy": "freeze-unfreeze", "freeze_epochs": 2, "epochs": 1})
+    assert resolve_config(None, {"epochs": 1}).epochs == 1  # the default strategy takes the smallest budget
+
+
+def test_linear_probe_without_aug_takes_the_feature_cache():
+    assert resolve_config(None, {"strategy": "linear-probe"}).uses_feature_cache
+    assert resolve_config(None, {}).aug == "light"
+    explicit = resolve_config(None, {"strategy": "linear-probe", "aug": "light"})
+    assert explicit.aug == "light" and not explicit.uses_feature_cache
+
+
+def test_explicit_aug_on_a_linear_probe_is_said_once(runner, tiny_data, tiny_weights, tmp_path):
+    result = run_cli(runner, tiny_data, tiny_weights, tmp_path, "--strategy", "linear-probe", "--epochs", "2",
+                     "--aug", "light", "--no-calibrate")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("the frozen backbone runs every epoch") == 1
+    fast = run_cli(runner, tiny_data, tiny_weights, tmp_path, "--strategy", "linear-probe", "--epochs", "2",
+                   "--no-calibrate")
+    assert fast.exit_code == 0 and "features extracted once" in fast.output
+    assert "runs every epoch" not in fast.output
+
+
+def test_every_config_key_is_a_finetune_flag(runner):
+    command = main.commands["finetune"]
+    flags = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+    for spec in dataclasses.fields(TrainConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        assert flag in flags, flag
+        if spec.type == "bool" and spec.name != "pretrained":
+            assert f"--no-{spec.name.replace('_', '-')}" in flags
+    text = runner.invoke(main, ["finetune", "--help"]).output
+    assert "--val-ratio" in text and "[default: 0.2]" in text and "[adamw|sgd]" in text
+
+
+@pytest.mark.parametrize("args", [["--lr", "fast"], ["lr=fast"], ["--optimizer", "rmsprop"], ["optimizer=rmsprop"],
+                                  ["learning_rate=3"], ["--ema-decay", "2"], ["oops"]])
+def test_command_line_settings_are_checked_like_recipe_keys(runner, tmp_path, args):
+    result = runner.invoke(main, ["finetune", "--backbone", BACKBONE, "--data", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    key = args[0].lstrip("-").split("=")[0].replace("-", "_")
+    if key == "oops":
+        assert "key=value" in line
+        return
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"{key}: {args[-1].split('=')[-1]}\n")
+    with pytest.raises(TransferkitError) as error:
+        resolve_config(recipe)
+    assert line == f"error: {error.value}".replace(f"recipe {recipe}", "options")  # the same check and message
+
+
+def test_key_value_and_flags_reach_the_config():
+    from transferkit.cli.finetune import resolve_options
+
+    config = resolve_options(None, ("lr=3e-4", "aug=none", "ema=true", "img_size=96"),
+                             {"backbone": "b", "data": "d", "epochs": "4", "mixup": None, "val_ratio": "0.3"})
+    assert (config.lr, config.aug, config.ema, config.img_size, config.epochs, config.val_ratio) == (
+        3e-4, "none", True, 96, 4, 0.3)
+
+
+def test_lp_ft_fits_the_head_on_features_from_one_backbone_pass(tiny_data, tiny_weights, tmp_path, monkeypatch):
+    import transferkit.features.extract as extract
+    import transferkit.train.head_phase as head_phase
+
+    batches, fits = [], []
+    embed, fit = extract.embed, head_phase.fit_head_on_features
+    monkeypatch.setattr(extract, "embed", lambda *a, **k: batches.append(len(a[1])) or embed(*a, **k))
+    monkeypatch.setattr(head_phase, "fit_head_on_features", lambda *a, **k: fits.append(fit(*a, **k)) or fits[-1])
+    result = finetune(config_for(tiny_data, tiny_weights, tmp_path, epochs=1), progress=False)
+    assert sum(batches) == 16 + 8  # every train and val image through the backbone exactly once
+    assert fits[0].epochs > 1 and fits[0].val_acc > 0  # many head epochs on those vectors
+    assert [r["epoch"] for r in result.history] == [1]  # costing none of the epoch budget
+    # calibration (on by default) lands in the best checkpoint, the run's result and the predictor
+    from transferkit.models.predictors import load_predictor
+
+    best = json.loads((result.run_dir / "best.json").read_text())
+    summary = json.loads((result.run_dir / "result.json").read_text())["calibration"]
+    assert best["temperature"] == summary["temperature"] == load_predictor(result.run_dir).temperature != 1.0
+    assert summary["val_nll_calibrated"] <= summary["val_nll_uncalibrated"]
+    assert {"val_ece_uncalibrated", "val_ece_calibrated"} <= set(summary)
+
+
+def test_temperature_scaling_lowers_nll_of_an_over_confident_model():
+    from transferkit.train.calibration import calibrate
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (400,), generator=generator)
+    logits = torch.randn(400, 5, generator=generator)
+    logits[torch.arange(400), labels] += 1.5  # right ~60 % of the time...
+    fit = calibrate(logits * 8, labels)  # ...but ~100 % sure
+    assert fit.temperature > 2 and fit.nll_after < fit.nll_before / 2 and fit.ece_after < fit.ece_before
+
+
+def test_predict_applies_the_stored_temperature(tiny_classifier, tiny_data):
+    from transferkit.models.predictors import load_predictor
+
+    images = [str(p) for p in sorted((tiny_data / "val").rglob("*.png"))]
+    predictor = load_predictor(tiny_classifier)
+    plain = predictor.predict_proba(images)
+    predictor.metadata["temperature"] = 4.0  # as a calibrated checkpoint's metadata holds it
+    scaled = predictor.predict_proba(images)
+    expected = torch.from_numpy(np.log(plain) / 4.0).softmax(1).numpy()
+    assert np.allclose(scaled, expected, atol=1e-5) and (scaled.argmax(1) == plain.argmax(1)).all()
+    assert scaled.max() < plain.max()
