@@ -130,3 +130,42 @@ def test_predict_applies_the_stored_temperature(tiny_classifier, tiny_data):
     expected = torch.from_numpy(np.log(plain) / 4.0).softmax(1).numpy()
     assert np.allclose(scaled, expected, atol=1e-5) and (scaled.argmax(1) == plain.argmax(1)).all()
     assert scaled.max() < plain.max()
+
+
+def test_ema_weights_differ_from_raw_and_are_saved_when_better(tiny_data, tiny_weights, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from transferkit.train import engine
+
+    evaluate = engine._Run._evaluate
+
+    def averaged_scores_better(run, module=None):  # as if the average generalised better: its val loss halves
+        scores = evaluate(run, module)
+        return {**scores, "val_loss": scores["val_loss"] / 2} if module is not None else scores
+
+    monkeypatch.setattr(engine._Run, "_evaluate", averaged_scores_better)
+    config = config_for(tiny_data, tiny_weights, tmp_path, strategy="linear-probe", epochs=2, ema=True,
+                        calibrate=False, lr=0.05)
+    result = finetune(config, progress=False)
+    assert [row["val_weights_ema"] for row in result.history] == [1.0, 1.0]
+    assert json.loads((result.run_dir / "best.json").read_text())["weights"] == "ema"
+    best, raw = (load_file(str(result.run_dir / f"{stem}.safetensors")) for stem in ("best", "last"))
+    assert not torch.equal(best["classifier.weight"], raw["classifier.weight"])  # the average, not the raw head
+    assert torch.equal(best["conv_stem.weight"], raw["conv_stem.weight"])  # around the same frozen body
+
+
+def test_lr_find_suggests_a_finite_lr_and_lr_auto_stores_it(runner, tiny_data, tiny_weights, tmp_path):
+    import math
+
+    plot = tmp_path / "lr.png"
+    result = runner.invoke(main, ["lr-find", "--backbone", BACKBONE, "--weights", str(tiny_weights), "--data",
+                                  str(tiny_data), "--workers", "0", "--batch-size", "8", "--img-size", "32",
+                                  "--strategy", "full", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    suggested = float(result.output.strip().splitlines()[-1].split()[2])
+    assert math.isfinite(suggested) and 1e-7 <= suggested <= 10 and plot.stat().st_size > 0
+    run = finetune(config_for(tiny_data, tiny_weights, tmp_path, strategy="full", lr="auto", calibrate=False),
+                   progress=False)
+    saved = resolve_config(run.run_dir / "config.yaml").lr
+    assert isinstance(saved, float) and math.isfinite(saved) and (run.run_dir / "lr_find.png").is_file()
+    assert run.history[0]["lr"] == pytest.approx(saved)

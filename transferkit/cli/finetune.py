@@ -115,3 +115,19 @@ def finetune(recipe, resume, overrides, **options):
     result = run_finetune(config, resume=resume, recipe=recipe)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         click.echo(result.summary())
+
+
+@main.command("lr-find")
+@finetune_command
+@click.option("--plot", type=click.Path(dir_okay=False), default="lr_find.png", show_default=True,
+              help="Where to write the PNG of training loss against LR.")
+def lr_find(recipe, overrides, plot, **options):
+    """LR range test on the model, data and strategy finetune would train; prints the suggested --lr.
+
+    `finetune --lr auto` runs the same test before training and stores the result in the run.
+    """
+    from transferkit.train import find_lr
+
+    config = resolve_options(recipe, overrides, options)
+    finding = find_lr(config, plot=plot)
+    click.echo(f"suggested lr {finding.suggestion:.2e} after {len(finding.lrs)} steps; loss against LR in {plot}")

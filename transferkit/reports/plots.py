@@ -122,6 +122,18 @@ def training_curves_png(rows: Sequence[Mapping], out: str | os.PathLike) -> Path
     return _save(fig, out)
 
 
+def lr_find_png(lrs: Sequence[float], losses: Sequence[float], suggestion: float, out: str | os.PathLike) -> Path:
+    """The LR range test: smoothed training loss against LR (log scale), the suggested LR marked."""
+    fig = _figure(6, 4)
+    ax = fig.subplots()
+    ax.plot(lrs, losses)
+    ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggested lr {suggestion:.2e}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)", title="LR range test")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
 def filters_png(weight, out: str | os.PathLike, max_filters: int = 64) -> Path:
     """First-layer filters ``[O, I, kh, kw]`` as a grid: RGB when ``I == 3``, else the channel mean in gray.
 

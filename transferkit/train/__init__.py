@@ -1,10 +1,11 @@
-"""Fine-tuning: :func:`finetune` trains a timm backbone with a new head into a run folder.
+"""Fine-tuning: :func:`finetune` trains a timm backbone with a new head into a run folder; :func:`find_lr` runs
+the LR range test on the same setup.
 
 The engine (torch, timm) is imported on first use, so ``transferkit.train.config`` — which the CLI reads to
 build its flags — stays cheap to import.
 """
 
-__all__ = ["RunResult", "finetune"]
+__all__ = ["RunResult", "find_lr", "finetune"]
 
 
 def __getattr__(name):

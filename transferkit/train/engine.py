@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -46,6 +47,7 @@ from transferkit.models.backbones import load_backbone
 from transferkit.models.saved_model import checkpoint_metadata, read_checkpoint_metadata, save_checkpoint
 from transferkit.train import loaders, resume_state
 from transferkit.train.config import TrainConfig
+from transferkit.train.lr_finder import LRFinding
 from transferkit.train.optim import Schedule, build_optimizer
 from transferkit.train.strategies import Phase, apply_trainable, phase_at, phases, reset_head, set_train_mode
 
@@ -71,6 +73,21 @@ class RunResult:
                 f"val_acc {self.best['val_acc']:.4f}, val_macro_f1 {self.best['val_macro_f1']:.4f}")
 
 
+def find_lr(config: TrainConfig, *, plot: str | os.PathLike | None = None, progress: bool = True):
+    """The LR range test on ``config``'s model, data and strategy, without training a run (`transferkit lr-find`).
+
+    Returns a :class:`transferkit.train.lr_finder.LRFinding`; ``plot`` writes its PNG. Nothing else is written.
+    """
+    from transferkit.tracking.runs import Tracker
+
+    run = _Run(config, select_device(config.device), resume=None, recipe=None, progress=progress, folder=False)
+    run.tracker = Tracker(None)
+    run._build_data()
+    if config.head_on_features:
+        run._fit_head()
+    return run._range_test(plot)
+
+
 def finetune(config: TrainConfig, *, resume: str | os.PathLike | None = None, recipe: str | None = None,
              progress: bool = True) -> RunResult:
     """Train ``config`` into a new run folder, or continue the run folder ``resume`` (whose config it is)."""
@@ -80,7 +97,7 @@ def finetune(config: TrainConfig, *, resume: str | os.PathLike | None = None, re
 
 
 class _Run:
-    def __init__(self, config: TrainConfig, device: torch.device, *, resume, recipe, progress):
+    def __init__(self, config: TrainConfig, device: torch.device, *, resume, recipe, progress, folder: bool = True):
         self.config = config
         self.device = device
         self.recipe = recipe
@@ -92,7 +109,7 @@ class _Run:
         self.fingerprint = self.index.fingerprint()  # stats every file: once per run, not per checkpoint
         self.classes = self.index.classes
         self.model, self.data_config = self._load_model()
-        self.run_dir = self._run_dir(resume)
+        self.run_dir = self._run_dir(resume) if folder else None
         self.phases = phases(config)
         self.history: list[dict] = []
         self.best: dict | None = None
@@ -211,6 +228,8 @@ class _Run:
         start_epoch = self._restore()
         if config.head_on_features and self.state is None:
             self._fit_head()
+        if config.lr == "auto":
+            self._auto_lr()
         phase = None
         for epoch in range(start_epoch, config.epochs):
             if phase is None or phase_at(self.phases, epoch) != phase:
@@ -270,6 +289,11 @@ class _Run:
                                              workers=workers, device=self.device)
         self.n_val = len(val_set)
         self.criterion, self.mixup = self._losses()
+        self.ema = None
+        if config.ema:
+            from transferkit.train.ema import WeightAverage
+
+            self.ema = WeightAverage(self.forward, config.ema_decay, head_only=self.forward is not self.model)
 
     def _features(self, train_set, val_set):
         """Run the frozen backbone once over train and val; the head then trains on the vectors."""
@@ -296,6 +320,44 @@ class _Run:
         self.tracker.log_metrics({"head_fit_epochs": fit.epochs, "head_fit_val_loss": fit.val_loss,
                                   "head_fit_val_acc": fit.val_acc, "head_fit_seconds": fit.seconds})
 
+    def _auto_lr(self) -> None:
+        """``lr: auto``: the LR range test picks ``lr``, which the saved config then holds (so resume reuses it)."""
+        finding = self._range_test(self.run_dir / "lr_find.png" if distributed.is_main() else None)
+        self.config.lr = finding.suggestion
+        if distributed.is_main():
+            self.config.save(self.run_dir / "config.yaml")
+            self.tracker.log_metrics({"lr_suggested": finding.suggestion})
+            self.tracker.log_artifact(self.run_dir / "lr_find.png")
+
+    def _range_test(self, plot) -> LRFinding:
+        """The LR range test on the first phase's parameters, LR ratios and loss; the model is left as it was."""
+        from itertools import chain, repeat
+
+        from transferkit.reports.plots import lr_find_png
+        from transferkit.train.lr_finder import range_test, restored
+
+        config, phase = self.config, self.phases[0]
+        apply_trainable(self.model, phase, config.train_bn)
+        optimizer = build_optimizer(self.forward, dataclasses.replace(config, lr=1.0), phase)
+        set_train_mode(self.model, config.train_bn)
+
+        def step(batch) -> float:
+            images, labels = to_device(batch[0], self.device), batch[1].to(self.device)
+            inputs, targets = self.mixup(images, labels) if self.mixup else (images, labels)
+            with autocast(self.device, self.amp):
+                loss = self.criterion(self.forward(inputs).float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss.item()
+
+        with restored(self.model, optimizer):
+            finding = range_test(step, optimizer.param_groups, chain.from_iterable(repeat(self.train_loader)))
+        if plot is not None:
+            lr_find_png(finding.lrs, finding.losses, finding.suggestion, plot)
+        self._say(finding.summary())
+        return finding
+
     def _losses(self):
         config = self.config
         if config.mixup or config.cutmix:
@@ -319,6 +381,9 @@ class _Run:
         self.history = list(self.state["history"])
         self.best = dict(self.state["best"])
         self.bad_epochs = int(self.state["bad_epochs"])
+        self.best_extra = dict(self.state.get("best_extra", {}))
+        if self.ema is not None:
+            self.ema.load_state_dict(self.state["ema"])
         resume_state.set_rng_state(self.state["rng"])
         self._say(f"resuming {self.run_dir} after epoch {self.state['epoch'] + 1}")
         return int(self.state["epoch"]) + 1
@@ -355,9 +420,22 @@ class _Run:
         train_loss, train_acc, seen = self._train_epoch(epoch, phase)
         seconds = time.perf_counter() - started
         val = self._evaluate()
-        self.schedule.after_epoch(val["val_loss"])
-        return {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, **val, "lr": lr,
-                "epoch_seconds": round(seconds, 3), "images_per_s": round(seen / seconds, 1)}
+        self.schedule.after_epoch(val["val_loss"])  # the schedule follows the weights that train
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, **val, "lr": lr,
+               "epoch_seconds": round(seconds, 3), "images_per_s": round(seen / seconds, 1)}
+        if self.ema is not None:  # the epoch's val scores are those of the better of raw and averaged weights
+            averaged = self._evaluate(self.ema.module)
+            row["val_weights_ema"] = float(self._better(averaged, val))
+            if row["val_weights_ema"]:
+                row.update(averaged)
+        return row
+
+    def _better(self, a: dict, b: dict) -> bool:
+        """Whether val scores ``a`` beat ``b`` on ``monitor`` (by the margin that counts as progress)."""
+        key = self.config.monitor
+        if key == "val_loss":
+            return a[key] < b[key] * (1 - MIN_REL_IMPROVEMENT)
+        return a[key] > b[key]
 
     def _train_epoch(self, epoch: int, phase: Phase) -> tuple[float, float, int]:
         config = self.config
@@ -386,6 +464,8 @@ class _Run:
                 self.optimizer.zero_grad(set_to_none=True)
                 updates += 1
                 self.schedule.after_update(updates)
+                if self.ema is not None:
+                    self.ema.update(self.forward)
             totals[0] += loss.item() * len(labels)
             totals[1] += (logits.argmax(1) == labels).sum().item()
             totals[2] += len(labels)
@@ -430,13 +510,7 @@ class _Run:
     def _record(self, row: dict) -> bool:
         """Append ``row`` to the history; True when it is the new best on ``monitor``."""
         self.history.append(row)
-        key = self.config.monitor
-        if self.best is None:
-            improved = True
-        elif key == "val_loss":
-            improved = row[key] < self.best[key] * (1 - MIN_REL_IMPROVEMENT)
-        else:
-            improved = row[key] > self.best[key]
+        improved = self.best is None or self._better(row, self.best)
         if improved:
             self.best = row
             self.bad_epochs = 0
@@ -450,7 +524,10 @@ class _Run:
         if distributed.is_main():
             self._save_model("last", self.history[-1])
             if improved:
-                self._save_model("best", self.best, **self.best_extra)
+                if self.ema is not None:
+                    self.best_extra["weights"] = "ema" if self.best["val_weights_ema"] else "raw"
+                model = self.ema.full_model(self.model) if self.best_extra.get("weights") == "ema" else None
+                self._save_model("best", self.best, model, **self.best_extra)
             self._write_metrics()
             self.tracker.log_metrics({k: v for k, v in self.history[-1].items() if k != "epoch"}, step=epoch + 1)
             resume_state.save_state(self.run_dir, {
@@ -460,6 +537,7 @@ class _Run:
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": resume_state.rng_state(),
                 "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
+                "best_extra": self.best_extra, "ema": self.ema.state_dict() if self.ema is not None else {},
             })
         distributed.barrier()
 
@@ -570,7 +648,8 @@ class _Run:
 def _epoch_line(row: dict, epochs: int) -> str:
     return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.3f}  "
             f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}  val_macro_f1 {row['val_macro_f1']:.3f}  "
-            f"lr {row['lr']:.2e}  {row['epoch_seconds']:.1f} s  {row['images_per_s']:.1f} img/s")
+            f"lr {row['lr']:.2e}  {row['epoch_seconds']:.1f} s  {row['images_per_s']:.1f} img/s"
+            + ("  (EMA weights)" if row.get("val_weights_ema") else ""))
 
 
 def _free_name(out: Path, name: str) -> str:
