@@ -36,4 +36,4 @@ def main():
     every run tracked in MLflow."""
 
 
-from transferkit.cli import augment, backbones, data, features, finetune, ui, use  # noqa: E402,F401  (command registration)
+from transferkit.cli import augment, backbones, data, features, finetune, sweep, ui, use  # noqa: E402,F401  (command registration)

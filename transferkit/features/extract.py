@@ -166,11 +166,13 @@ def extract_features(backbone: str, data, out, *, weights=None, weights_config=N
                      split: str = "all", pool: str = "avg", layer: str | int | None = None, tta: str = "none",
                      batch_size: int = 32, dtype: str = "float32", resize_mode: str = "crop",
                      workers: int | None = None, device: str = "auto", force: bool = False,
-                     val_ratio: float = 0.2, seed: int = 0, chunk_rows: int = CHUNK_ROWS) -> Path:
+                     val_ratio: float = 0.2, seed: int = 0, chunk_rows: int = CHUNK_ROWS,
+                     data_overrides: Mapping | None = None) -> Path:
     """Write one row per image (path, label, split, vector) to ``out`` (.parquet or .npz); returns ``out``.
 
     An existing ``out`` with the same metadata (backbone, weights, preprocessing, pooling, dataset
-    fingerprint, ...) is reused unless ``force``. Under torchrun, ranks compute interleaved batches and
+    fingerprint, ...) is reused unless ``force``. ``data_overrides`` (e.g. ``img_size``) change the backbone's
+    preprocessing as in :func:`transferkit.models.backbones.load_backbone`. Under torchrun, ranks compute interleaved batches and
     rank 0 writes them in the single-process order, so the file is the same for any number of processes.
     """
     from transferkit.core import distributed
@@ -187,7 +189,7 @@ def extract_features(backbone: str, data, out, *, weights=None, weights_config=N
     torch_device = select_device(device)
     with distributed.process_group(torch_device):
         model, data_config = build_feature_model(backbone, weights=weights, weights_config=weights_config,
-                                                 pretrained=pretrained)
+                                                 pretrained=pretrained, data_overrides=data_overrides)
         layer_index = resolve_layer(model, layer)
         check_pool(model, pool, layer_index)
         model = prepare_model(model, torch_device).eval()

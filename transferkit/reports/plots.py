@@ -174,6 +174,25 @@ def cam_overlay_png(view: np.ndarray, heatmap: np.ndarray, out: str | os.PathLik
     return _save(fig, out)
 
 
+def sweep_png(points: Sequence[Mapping], metric: str, out: str | os.PathLike) -> Path:
+    """A sweep's trials: ``metric`` against the wall time at which each finished, and against model size.
+
+    ``points`` hold ``label``, ``value``, ``minutes`` (since the sweep began) and ``params_m`` (millions).
+    """
+    fig = _figure(11, 4.5)
+    for ax, key, label in zip(fig.subplots(1, 2, sharey=True), ("minutes", "params_m"),
+                              ("wall time when finished (min)", "parameters (M)")):
+        ax.scatter([p[key] for p in points], [p["value"] for p in points], color="tab:blue")
+        for point in points:
+            ax.annotate(point["label"], (point[key], point["value"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    fig.axes[0].set_ylabel(f"{metric} (best checkpoint)")
+    fig.suptitle(f"sweep: {len(points)} trials")
+    return _save(fig, out)
+
+
 def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)

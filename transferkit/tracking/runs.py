@@ -283,14 +283,16 @@ def per_class_table(metrics: Mapping) -> str:
 @contextlib.contextmanager
 def start_run(command: str, *, enabled: bool = True, tracking_uri: str | None = None, experiment: str | None = None,
               run_name: str | None = None, tags: Mapping | None = None, params: Mapping | None = None,
-              system_metrics: bool = True) -> Iterator[Tracker]:
+              system_metrics: bool = True, run_id: str | None = None) -> Iterator[Tracker]:
     """Open an MLflow run for ``command`` and yield its :class:`Tracker` (a no-op one when not ``enabled``).
 
     ``experiment`` is created if missing (MLflow's default experiment when None); ``run_name`` defaults to
     ``<command>-<timestamp>`` rather than MLflow's random words. Tags ``command`` and
     ``transferkit_version`` are always set. ``system_metrics`` samples CPU/RAM (and GPU when
     ``nvidia-ml-py`` is installed) in the background. An exception inside the block marks the run
-    FAILED (KILLED for Ctrl-C) and is re-raised.
+    FAILED (KILLED for Ctrl-C) and is re-raised. Opened while another run is active (a sweep's parent), the
+    run is its nested child. ``run_id`` continues that existing run instead of starting a new one (several
+    processes of one sweep share its parent run).
     """
     if not enabled:
         yield Tracker(None)
@@ -302,8 +304,9 @@ def start_run(command: str, *, enabled: bool = True, tracking_uri: str | None = 
     with _tracking_uri_in_use(uri):
         try:
             run = mlflow.start_run(
-                experiment_id=_experiment_id(uri, experiment) if experiment else None,
-                run_name=run_name or f"{command}-{time.strftime('%Y%m%d-%H%M%S')}",
+                run_id=run_id,
+                experiment_id=_experiment_id(uri, experiment) if experiment and not run_id else None,
+                run_name=None if run_id else run_name or f"{command}-{time.strftime('%Y%m%d-%H%M%S')}",
                 nested=mlflow.active_run() is not None,
                 tags={"command": command, "transferkit_version": __version__},
                 log_system_metrics=system_metrics,

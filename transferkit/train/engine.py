@@ -18,10 +18,12 @@ import contextlib
 import csv
 import dataclasses
 import io
+import json
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,16 +91,27 @@ def find_lr(config: TrainConfig, *, plot: str | os.PathLike | None = None, progr
 
 
 def finetune(config: TrainConfig, *, resume: str | os.PathLike | None = None, recipe: str | None = None,
-             progress: bool = True) -> RunResult:
-    """Train ``config`` into a new run folder, or continue the run folder ``resume`` (whose config it is)."""
+             progress: bool = True, on_epoch_end: Callable[[int, dict], bool] | None = None,
+             features: str | os.PathLike | None = None) -> RunResult:
+    """Train ``config`` into a new run folder, or continue the run folder ``resume`` (whose config it is).
+
+    ``on_epoch_end(epoch, row)`` is called after each committed epoch with its metrics.csv row; returning
+    True stops the run there, finished like an early stop (a hyper-parameter search prunes trials this way).
+    ``features`` is an ``extract`` file of this backbone, weights and data that a linear probe with the
+    feature cache reuses instead of running the backbone again (it is recomputed when it does not match).
+    """
     device = select_device(config.device)
     with distributed.process_group(device):
-        return _Run(config, device, resume=resume, recipe=recipe, progress=progress).execute()
+        return _Run(config, device, resume=resume, recipe=recipe, progress=progress, on_epoch_end=on_epoch_end,
+                    features=features).execute()
 
 
 class _Run:
-    def __init__(self, config: TrainConfig, device: torch.device, *, resume, recipe, progress, folder: bool = True):
+    def __init__(self, config: TrainConfig, device: torch.device, *, resume, recipe, progress, folder: bool = True,
+                 on_epoch_end=None, features=None):
         self.config = config
+        self.on_epoch_end = on_epoch_end
+        self.features_file = features
         self.device = device
         self.recipe = recipe
         self.progress = progress and distributed.is_main()
@@ -241,6 +254,9 @@ class _Run:
             if config.early_stopping and self.bad_epochs >= config.early_stopping:
                 self._say(f"early stopping: no {config.monitor} progress for {self.bad_epochs} epochs")
                 return True
+            if self.on_epoch_end is not None and self.on_epoch_end(epoch + 1, row):
+                self._say(f"stopped after epoch {epoch + 1} by the on_epoch_end callback")
+                return True
         return False
 
     def _build_data(self) -> None:
@@ -299,6 +315,9 @@ class _Run:
         """Run the frozen backbone once over train and val; the head then trains on the vectors."""
         from transferkit.features.extract import compute_features
 
+        stored = self._stored_features() if self.features_file is not None else None
+        if stored is not None:
+            return stored
         started = time.perf_counter()
         sets = []
         for dataset in (train_set, val_set):
@@ -357,6 +376,28 @@ class _Run:
             lr_find_png(finding.lrs, finding.losses, finding.suggestion, plot)
         self._say(finding.summary())
         return finding
+
+    def _stored_features(self):
+        """Train and val vectors from ``features_file`` if it holds exactly what :meth:`_features` computes."""
+        from transferkit.features.extract import own_pool, read_features, read_metadata
+        from transferkit.models.backbones import backbone_identity
+
+        metadata = read_metadata(self.features_file)
+        expected = {**backbone_identity(self.model), "data_config": self.data_config, "pool": own_pool(self.model),
+                    "layer": None, "tta": "none", "resize_mode": self.config.resize_mode}
+        differ = [key for key, value in expected.items() if json.dumps(metadata.get(key)) != json.dumps(value)]
+        if metadata["dataset"]["fingerprint"] != self.fingerprint:
+            differ.append("dataset")
+        if not differ:
+            table, _ = read_features(self.features_file)
+            splits = {split: table.subset(split) for split in ("train", "val")}
+            if all(list(rows.paths) == [self.index.relpath(s) for s in self.index.split(split)]
+                   for split, rows in splits.items()):
+                self._say(f"linear probe on the features in {self.features_file}")
+                return [loaders.feature_dataset(rows.vectors, rows.label_index) for rows in splits.values()]
+            differ.append("split")
+        self._say(f"features in {self.features_file} differ from this run's ({', '.join(differ)}); extracting again")
+        return None
 
     def _losses(self):
         config = self.config
