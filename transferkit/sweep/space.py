@@ -21,8 +21,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from transferkit.errors import TransferkitError
 from transferkit.choices import MONITORS
+from transferkit.errors import TransferkitError
 from transferkit.train.config import KEYS, TrainConfig, read_recipe, resolve_config
 
 SWEEP_FILE_KEYS = ("backbones", "top_k", "metric", "trials", "fixed", "space")

@@ -327,6 +327,28 @@ class _Run:
                   f"({len(train_set)} train, {len(val_set)} val images)")
         return sets
 
+    def _stored_features(self):
+        """Train and val vectors from ``features_file`` if it holds exactly what :meth:`_features` computes."""
+        from transferkit.features.extract import own_pool, read_features, read_metadata
+        from transferkit.models.backbones import backbone_identity
+
+        metadata = read_metadata(self.features_file)
+        expected = {**backbone_identity(self.model), "data_config": self.data_config, "pool": own_pool(self.model),
+                    "layer": None, "tta": "none", "resize_mode": self.config.resize_mode}
+        differ = [key for key, value in expected.items() if json.dumps(metadata.get(key)) != json.dumps(value)]
+        if metadata["dataset"]["fingerprint"] != self.fingerprint:
+            differ.append("dataset")
+        if not differ:
+            table, _ = read_features(self.features_file)
+            splits = {split: table.subset(split) for split in ("train", "val")}
+            if all(list(rows.paths) == [self.index.relpath(s) for s in self.index.split(split)]
+                   for split, rows in splits.items()):
+                self._say(f"linear probe on the features in {self.features_file}")
+                return [loaders.feature_dataset(rows.vectors, rows.label_index) for rows in splits.values()]
+            differ.append("split")
+        self._say(f"features in {self.features_file} differ from this run's ({', '.join(differ)}); extracting again")
+        return None
+
     def _fit_head(self) -> None:
         """LP-FT: the new head trained to convergence on the cached features before any epoch."""
         from transferkit.train.head_phase import fit_head_on_features
@@ -376,28 +398,6 @@ class _Run:
             lr_find_png(finding.lrs, finding.losses, finding.suggestion, plot)
         self._say(finding.summary())
         return finding
-
-    def _stored_features(self):
-        """Train and val vectors from ``features_file`` if it holds exactly what :meth:`_features` computes."""
-        from transferkit.features.extract import own_pool, read_features, read_metadata
-        from transferkit.models.backbones import backbone_identity
-
-        metadata = read_metadata(self.features_file)
-        expected = {**backbone_identity(self.model), "data_config": self.data_config, "pool": own_pool(self.model),
-                    "layer": None, "tta": "none", "resize_mode": self.config.resize_mode}
-        differ = [key for key, value in expected.items() if json.dumps(metadata.get(key)) != json.dumps(value)]
-        if metadata["dataset"]["fingerprint"] != self.fingerprint:
-            differ.append("dataset")
-        if not differ:
-            table, _ = read_features(self.features_file)
-            splits = {split: table.subset(split) for split in ("train", "val")}
-            if all(list(rows.paths) == [self.index.relpath(s) for s in self.index.split(split)]
-                   for split, rows in splits.items()):
-                self._say(f"linear probe on the features in {self.features_file}")
-                return [loaders.feature_dataset(rows.vectors, rows.label_index) for rows in splits.values()]
-            differ.append("split")
-        self._say(f"features in {self.features_file} differ from this run's ({', '.join(differ)}); extracting again")
-        return None
 
     def _losses(self):
         config = self.config
