@@ -32,6 +32,8 @@ HEAD_MODELS = ("linear-svm", "rbf-svm", "logistic")
 
 # using a model
 EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8")  # fp16/int8: ONNX only
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # int8 activation ranges
 CAM_METHODS = ("gradcam", "gradcam++", "scorecam")
 
 

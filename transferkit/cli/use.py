@@ -12,9 +12,11 @@ from pathlib import Path
 
 import click
 
-from transferkit.choices import CAM_METHODS, EXPORT_FORMATS, TTA_MODES
+from transferkit.choices import CALIBRATION_METHODS, CAM_METHODS, EXPORT_FORMATS, EXPORT_PRECISIONS, TTA_MODES
 from transferkit.cli import main
 from transferkit.cli.options import tracking_options
+from transferkit.errors import TransferkitError
+from transferkit.use.precision import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MAX_DROP, PrecisionReport
 
 
 def model_option(func):
@@ -73,12 +75,23 @@ def evaluate(model_spec, data, split, tta, batch_size, device, workers, out, as_
 @click.argument("inputs", nargs=-1, required=True, metavar="PATH...")
 @click.option("--topk", default=3, show_default=True, type=int, help="Classes (with probabilities) per image.")
 @inference_options
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Write the rows to .csv, .json or .parquet instead of printing a table.")
-def predict(model_spec, inputs, topk, tta, batch_size, device, workers, out):
+@click.option("--out", type=click.Path(), default=None,
+              help="Write the rows to .csv, .json or .parquet instead of printing a table; with --dense, the folder "
+                   "for the class-map PNGs and class_fractions.json.")
+@click.option("--dense", is_flag=True,
+              help="Class map of each frame: the classifier applied at every position of its last feature map "
+                   "(FC as 1x1 convolution) on a frame larger than the training size. Needs --out FOLDER.")
+@click.option("--dense-size", type=int, default=None,
+              help="--dense: resize frames so their short side is this many pixels (default: twice the input size).")
+def predict(model_spec, inputs, topk, tta, batch_size, device, workers, out, dense, dense_size):
     """Predict the class of images: files, folders (searched recursively) and quoted glob patterns.
 
     Unreadable files get a row with an error instead of stopping the run."""
+    if dense:
+        _predict_dense(model_spec, inputs, out, dense_size, tta, device)
+        return
+    if dense_size is not None:
+        raise TransferkitError("--dense-size applies with --dense only")
     from transferkit.use.predict import predict as run_predict
 
     rows = run_predict(model_spec, inputs, topk=topk, tta=tta, batch_size=batch_size, out=out, device=device,
@@ -92,28 +105,70 @@ def predict(model_spec, inputs, topk, tta, batch_size, device, workers, out):
         click.echo(f"{failed} of {len(rows)} images could not be read (see the error column)", err=True)
 
 
+def _predict_dense(model_spec, inputs, out, dense_size, tta, device) -> None:
+    from transferkit.use.dense import predict_dense
+
+    if out is None:
+        raise TransferkitError("--dense writes class-map PNGs; pass --out FOLDER")
+    if tta != "none":
+        raise TransferkitError("--tta does not apply to --dense class maps")
+    for row in predict_dense(model_spec, inputs, out, short_side=dense_size, device=device):
+        ranked = sorted(row["fractions"].items(), key=lambda item: -item[1])
+        shares = "   ".join(f"{name} {share:.0%}" for name, share in ranked if share > 0)
+        click.echo(f"{row['path']}  ({row['map_size'][0]}x{row['map_size'][1]} cells)  {shares}")
+    click.echo(f"wrote class maps and class_fractions.json to {out}")
+
+
 @main.command()
 @model_option
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True)
+@click.option("--precision", type=click.Choice(EXPORT_PRECISIONS), default="fp32", show_default=True,
+              help="ONNX weights/compute: fp32 (logit parity with torch), fp16 (converted) or int8 (static "
+                   "quantization); fp16/int8 are checked for accuracy on labelled images.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Output file (default: beside the checkpoint, <name>.onnx / <name>.torchscript.pt).")
+              help="Output file (default: beside the checkpoint, <name>[.fp16|.int8].onnx / <name>.torchscript.pt).")
 @click.option("--dynamic-batch", is_flag=True, help="Accept any batch size (default: batch of 1).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--check-data", "check_data", multiple=True, type=click.Path(exists=True),
-              help="Images (files/folders) for the parity check against torch; default: generated images. Repeatable.")
-def export(model_spec, fmt, out, dynamic_batch, opset, check_data):
+              help="Images (files/folders) for the parity check against torch; default: generated images. Repeatable. "
+                   "With fp16/int8: one labelled folder for the accuracy check (default: the run's validation split).")
+@click.option("--calibration", type=click.Path(exists=True, file_okay=False), default=None,
+              help="int8: folder of typical images to calibrate activation ranges (default: the run's training split).")
+@click.option("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, show_default=True,
+              help="int8: how many calibration images (a seeded sample).")
+@click.option("--calibration-method", type=click.Choice(CALIBRATION_METHODS), default="minmax", show_default=True,
+              help="int8: how activation ranges are chosen from the calibration images.")
+@click.option("--max-drop", type=float, default=DEFAULT_MAX_DROP, show_default=True,
+              help="fp16/int8: refuse to write the file if accuracy drops more than this many points below fp32.")
+@click.option("--force", is_flag=True, help="fp16/int8: write the file even when accuracy drops more than --max-drop.")
+def export(model_spec, fmt, precision, out, dynamic_batch, opset, check_data, calibration, calibration_images,
+           calibration_method, max_drop, force):
     """Export a finetuned classifier to ONNX or TorchScript, plus a JSON with class names and preprocessing;
-    fails unless the export reproduces torch's logits within 1e-3."""
+    fails unless the export reproduces torch's logits within 1e-3 (fp32) or keeps its accuracy (fp16/int8)."""
+    from transferkit.use.export import PrecisionDropError, sidecar_path
     from transferkit.use.export import export as run_export
-    from transferkit.use.export import sidecar_path
 
-    path = run_export(model_spec, format=fmt, out=out, dynamic_batch=dynamic_batch, opset=opset,
-                      check_images=list(check_data) or None)
+    try:
+        path = run_export(model_spec, format=fmt, out=out, dynamic_batch=dynamic_batch, opset=opset,
+                          check_images=list(check_data) or None, precision=precision, calibration=calibration,
+                          calibration_images=calibration_images, calibration_method=calibration_method,
+                          max_drop=max_drop, force=force)
+    except PrecisionDropError as exc:
+        click.echo("\n".join(exc.report.lines()))
+        raise
     info = json.loads(sidecar_path(path).read_text())
     parity = info["parity"]
     runtime = "onnxruntime" if fmt == "onnx" else "torch.jit"
-    click.echo(f"parity check ({runtime} vs torch, {parity['images']} {parity['source']}): "
+    graph = "" if precision == "fp32" else "fp32 graph, "
+    click.echo(f"parity check ({graph}{runtime} vs torch, {parity['images']} {parity['source']}): "
                f"max |logit difference| {parity['max_abs_diff']:.2e} <= {parity['tolerance']:g}  ok")
+    if info["precision_check"]:
+        report = PrecisionReport(**{k: v for k, v in info["precision_check"].items() if k not in ("drop", "forced")})
+        click.echo("\n".join(report.lines()))
+        if info["precision_check"]["forced"]:
+            click.echo(f"warning: accuracy dropped more than --max-drop {max_drop:g}; written because of --force", err=True)
+    if info["calibration"]:
+        click.echo(f"int8 calibrated on {info['calibration']['images']} images from {info['calibration']['source']}")
     click.echo(f"wrote {path} and {sidecar_path(path).name} (class names, preprocessing)")
 
 

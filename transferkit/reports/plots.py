@@ -193,6 +193,28 @@ def sweep_png(points: Sequence[Mapping], metric: str, out: str | os.PathLike) ->
     return _save(fig, out)
 
 
+def class_map_png(view: np.ndarray, class_map: np.ndarray, class_names: Sequence[str], fractions: Mapping[str, float],
+                  out: str | os.PathLike, title: str = "") -> Path:
+    """A frame (uint8 HWC) with its dense class map (``[h, w]`` class indices) laid over it in class colours,
+    and a legend giving each class's share of the frame."""
+    from matplotlib import colormaps
+    from matplotlib.patches import Patch
+
+    colours = colormaps["tab20" if len(class_names) > 10 else "tab10"].resampled(max(len(class_names), 2))
+    height, width = view.shape[:2]
+    fig = _figure(min(4 + 6 * width / height, 16), 6)
+    ax = fig.add_subplot()
+    ax.imshow(view)
+    ax.imshow(class_map, cmap=colours, vmin=-0.5, vmax=colours.N - 0.5, alpha=0.45, interpolation="nearest",
+              extent=(0, width, height, 0))
+    ax.axis("off")
+    shown = [i for i, name in enumerate(class_names) if fractions.get(name, 0) > 0][:20]
+    ax.legend(handles=[Patch(color=colours(i), label=f"{class_names[i]} {fractions[class_names[i]]:.0%}") for i in shown],
+              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9, frameon=False)
+    ax.set_title(title, fontsize=10)
+    return _save(fig, out)
+
+
 def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)

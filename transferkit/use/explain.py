@@ -48,12 +48,12 @@ def explain(model_spec, images: Sequence[str | os.PathLike], out_dir: str | os.P
     model = predictor.model
     layer_name, reshape = default_target_layer(model) if target_layer is None else (target_layer, None)
     layer = _submodule(model, layer_name)
-    if reshape is None and target_layer is not None and _is_token_model(model):
+    if reshape is None and target_layer is not None and is_token_model(model):
         reshape = _token_grid_reshape(model)
     resize = _compose(eval_resize(predictor.data_config, predictor.resize_mode))
     transform = predictor.eval_transform()
     out_dir = ensure_writable_dir(out_dir)
-    names = _unique_stems(paths)
+    names = unique_stems(paths)
     written = []
     with _cam_class(method)(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
         for path, stem in zip(paths, names):
@@ -74,7 +74,7 @@ def explain(model_spec, images: Sequence[str | os.PathLike], out_dir: str | os.P
 
 def default_target_layer(model: torch.nn.Module) -> tuple[str, Callable | None]:
     """(dotted module name, reshape_transform or None) of the layer whose activations a CAM should use."""
-    if _is_token_model(model):
+    if is_token_model(model):
         return f"blocks.{len(model.blocks) - 1}.norm1", _token_grid_reshape(model)
     kind = type(model).__name__
     if kind == "ResNet":
@@ -106,7 +106,7 @@ def _cam_class(method: str):
     return {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM}[method]
 
 
-def _is_token_model(model: torch.nn.Module) -> bool:
+def is_token_model(model: torch.nn.Module) -> bool:
     """ViT-style: transformer blocks over patch tokens (timm's VisionTransformer, DeiT, ...)."""
     return hasattr(model, "patch_embed") and hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")
 
@@ -141,7 +141,7 @@ def _compose(steps):
     return A.Compose(steps)
 
 
-def _unique_stems(paths: Sequence[Path]) -> list[str]:
+def unique_stems(paths: Sequence[Path]) -> list[str]:
     """Image stems, prefixed with a counter where two inputs share one, so no overlay overwrites another."""
     stems = [p.stem for p in paths]
     return [f"{i:04d}_{s}" if stems.count(s) > 1 else s for i, s in enumerate(stems)]

@@ -5,6 +5,10 @@ needed to produce that tensor (data config, resize mode) and to read the logits 
 a JSON beside the model (``<out>.json``). The file is only put in place when the exported model
 reproduces torch's logits within :data:`PARITY_TOLERANCE` on the check images.
 
+ONNX can also be written in fp16 or int8 (:mod:`transferkit.use.precision`): the fp32 graph is exported and
+parity-checked first, then converted, and the converted file is only put in place when its accuracy on
+labelled images is within ``max_drop`` points of fp32 (or ``force`` is set).
+
 ONNX uses torch's ``torch.export``-based exporter (``dynamo=True``, the default since torch 2.9).
 """
 
@@ -13,15 +17,17 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from transferkit.choices import EXPORT_FORMATS, check_choice
+from transferkit.choices import CALIBRATION_METHODS, EXPORT_FORMATS, EXPORT_PRECISIONS, check_choice
 from transferkit.core.fileio import atomic_path, sha256_file, write_json
 from transferkit.errors import TransferkitError
+from transferkit.use import precision as precision_lib
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 PARITY_TOLERANCE = 1e-3
@@ -30,11 +36,19 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
 def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = None, dynamic_batch: bool = False,
-           opset: int | None = None, check_images: Sequence[str | os.PathLike] | None = None) -> Path:
+           opset: int | None = None, check_images: Sequence[str | os.PathLike] | None = None,
+           precision: str = "fp32", calibration: str | os.PathLike | None = None,
+           calibration_images: int = precision_lib.DEFAULT_CALIBRATION_IMAGES, calibration_method: str = "minmax",
+           max_drop: float = precision_lib.DEFAULT_MAX_DROP, force: bool = False) -> Path:
     """Write the model to ``out`` (default: beside the checkpoint) plus ``<out>.json``; return ``out``.
 
     ``check_images`` (files, folders or globs) are the parity images; without them a few generated
     images are used. Parity (max |logit difference|) is recorded in the JSON under ``parity``.
+
+    ``precision`` fp16/int8 (ONNX only) is checked for accuracy on ``check_images`` (one labelled folder),
+    by default the run's own validation split; the result is recorded under ``precision_check``. int8 is
+    calibrated on ``calibration_images`` images of ``calibration`` (a folder), by default of the run's
+    training split.
     """
     from transferkit.models.predictors import load_predictor
     from transferkit.models.saved_model import find_checkpoint, read_checkpoint_metadata
@@ -42,6 +56,14 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
     check_choice("export format", format, EXPORT_FORMATS)
     if opset is not None and format != "onnx":
         raise TransferkitError("--opset applies to --format onnx only")
+    check_choice("precision", precision, EXPORT_PRECISIONS)
+    if precision != "fp32" and format != "onnx":
+        raise TransferkitError(f"--precision {precision} applies to --format onnx only")
+    if calibration is not None and precision != "int8":
+        raise TransferkitError("--calibration applies to --precision int8 only")
+    check_choice("calibration method", calibration_method, CALIBRATION_METHODS)
+    if not max_drop >= 0:
+        raise TransferkitError(f"--max-drop is the accuracy points allowed to be lost; it must be >= 0, got {max_drop}")
     checkpoint = find_checkpoint(model_spec)
     kind = read_checkpoint_metadata(checkpoint).get("kind")
     if kind != "classifier":
@@ -51,15 +73,20 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
             "use `transferkit predict` or the MLflow model for it"
         )
     predictor = load_predictor(checkpoint, "cpu")
-    out = Path(out) if out is not None else _default_out(model_spec, checkpoint, format)
+    out = Path(out) if out is not None else _default_out(model_spec, checkpoint, format, precision)
+    labelled = None if precision == "fp32" else _accuracy_check_images(predictor, check_images)
+    calibration_set = None if precision != "int8" else precision_lib.calibration_images(
+        predictor.metadata, predictor.class_names, calibration, calibration_images)
     model = predictor.model.float().eval()
     batch = check_batch(predictor, check_images)
     with torch.inference_mode():
         expected = model(batch).numpy()
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, tempfile.TemporaryDirectory() as scratch:
+        precision_check = calibration_info = None
         if format == "onnx":
-            _export_onnx(model, batch[:1], tmp, dynamic_batch, opset)
-            actual = _run_onnx(tmp, batch, dynamic_batch)
+            fp32_path = tmp if precision == "fp32" else Path(scratch) / "fp32.onnx"
+            _export_onnx(model, batch[:1], fp32_path, dynamic_batch, opset)
+            actual = _run_onnx(fp32_path, batch, dynamic_batch)
         else:
             _export_torchscript(model, batch[:1], tmp)
             actual = _run_torchscript(tmp, batch, dynamic_batch)
@@ -70,6 +97,15 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
                 f"{format} export does not match torch: max |logit difference| {parity['max_abs_diff']:.2e} "
                 f"> {PARITY_TOLERANCE:g} on {len(batch)} images; nothing written"
             )
+        if precision != "fp32":
+            calibration_info = _convert(predictor, fp32_path, tmp, precision, calibration_set, calibration_method,
+                                        dynamic_batch)
+            report = precision_lib.compare_on_labelled(
+                fp32_path, tmp, precision, labelled, predictor.eval_transform(), INPUT_NAME, OUTPUT_NAME,
+                dynamic_batch, max_drop)
+            precision_check = {**report.as_dict(), "forced": bool(force and report.drop > max_drop)}
+            if report.drop > max_drop and not force:
+                raise PrecisionDropError(report)
         # the JSON first, the model last: a model file present always has its JSON beside it
         write_json(sidecar_path(out), {
             "format": format,
@@ -88,9 +124,51 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
             "exporter": f"torch {torch.__version__} " + ("torch.onnx.export(dynamo=True)" if format == "onnx" else "torch.jit.trace"),
             "opset": _onnx_opset(tmp) if format == "onnx" else None,
             "dynamic_batch": dynamic_batch,
-            "parity": parity,
+            "precision": precision,
+            "parity": parity if precision == "fp32" else {**parity, "checked": "the fp32 graph before conversion"},
+            "precision_check": precision_check,
+            "calibration": calibration_info,
         })
     return out
+
+
+class PrecisionDropError(TransferkitError):
+    """A reduced-precision export lost more accuracy than allowed; carries the measurements for the CLI."""
+
+    def __init__(self, report: precision_lib.PrecisionReport):
+        self.report = report
+        super().__init__(
+            f"{report.precision} accuracy {report.accuracy:.2f}% is {report.drop:.2f} points below fp32 "
+            f"({report.fp32_accuracy:.2f}%), more than --max-drop {report.max_drop:g}; nothing written "
+            "(pass --force to write it anyway)"
+        )
+
+
+def _accuracy_check_images(predictor, check_images) -> precision_lib.LabelledImages:
+    """One labelled folder given as check data, else the run's validation split."""
+    if check_images:
+        if len(check_images) != 1 or not Path(check_images[0]).is_dir():
+            raise TransferkitError("reduced precision is checked on labelled images: pass one folder of class folders "
+                                   "as --check-data")
+        return precision_lib.labelled_folder(check_images[0], predictor.class_names)
+    recorded = precision_lib.recorded_split(predictor.metadata, "val", predictor.class_names)
+    if recorded is None:
+        raise TransferkitError("reduced precision is checked on labelled images and the model records no readable "
+                               "validation split; pass --check-data FOLDER (class folders)")
+    return recorded
+
+
+def _convert(predictor, fp32_path: Path, out: Path, precision: str, images: precision_lib.LabelledImages | None,
+             calibration_method: str, dynamic_batch: bool) -> dict | None:
+    """fp32 ONNX → fp16/int8 ONNX at ``out``; returns what int8 was calibrated on (``images``)."""
+    if precision == "fp16":
+        precision_lib.convert_fp16(fp32_path, out)
+        return None
+    tensors = precision_lib.preprocess(images.paths, predictor.eval_transform())
+    precision_lib.quantize_int8(fp32_path, out, iter(precision_lib.onnx_batches(tensors, dynamic_batch)), INPUT_NAME,
+                                method=calibration_method)
+    return {"images": len(images.paths), "source": images.source, "method": calibration_method,
+            "format": "QDQ, per-channel int8 weights, uint8 activations"}
 
 
 def sidecar_path(out: str | os.PathLike) -> Path:
@@ -172,10 +250,10 @@ def _onnx_opset(path: Path) -> int | None:
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def _default_out(model_spec, checkpoint: Path, format: str) -> Path:
+def _default_out(model_spec, checkpoint: Path, format: str, precision: str = "fp32") -> Path:
     """Beside a local checkpoint; in the working folder for an MLflow URI (its download folder is a cache)."""
     folder = Path.cwd() if "://" in str(model_spec) or str(model_spec).startswith(("runs:/", "models:/")) else checkpoint.parent
-    return folder / (checkpoint.stem + SUFFIXES[format])
+    return folder / (checkpoint.stem + ("" if precision == "fp32" else f".{precision}") + SUFFIXES[format])
 
 
 def _step_args(step) -> str:
