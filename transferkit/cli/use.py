@@ -1,4 +1,4 @@
-"""Using a trained model: `evaluate`, `predict`, `export`, `explain`.
+"""Using a trained model: `evaluate`, `predict`, `export`, `explain`, `serve`.
 
 Every command takes ``--model`` as a run folder, model folder, checkpoint file or MLflow model URI;
 the model carries its own preprocessing, so there are no preprocessing flags here.
@@ -187,6 +187,23 @@ def explain(model_spec, images, out, method, target_layer, class_name, device):
     written = run_explain(model_spec, images, out, method=method, target_layer=target_layer, class_name=class_name,
                           device=device)
     click.echo(f"wrote {len(written)} overlays to {Path(out)}")
+
+
+@main.command()
+@model_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback exposes the model to the network (a warning says so).")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port (0: any free port).")
+@click.option("--topk", default=5, show_default=True, type=int, help="Classes shown per image.")
+@click.option("--max-upload-mb", default=10.0, show_default=True, type=float, help="Largest accepted upload.")
+@click.option("--device", default="auto", show_default=True)
+def serve(model_spec, host, port, topk, max_upload_mb, device):
+    """A web page to try a model: drop an image, see its top classes and a Grad-CAM overlay (JSON API at
+    /api/predict). For one person on their own machine: no authentication."""
+    from transferkit.use.serve import serve as run_serve
+
+    run_serve(model_spec, host=host, port=port, topk=topk, max_upload_mb=max_upload_mb, device=device,
+              announce=lambda line: click.echo(line, err=line.startswith("warning")))
 
 
 def _print_predictions(rows) -> None:

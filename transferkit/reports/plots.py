@@ -160,11 +160,16 @@ def filters_png(weight, out: str | os.PathLike, max_filters: int = 64) -> Path:
     return _save(fig, out)
 
 
-def cam_overlay_png(view: np.ndarray, heatmap: np.ndarray, out: str | os.PathLike, title: str = "") -> Path:
-    """The model's view of an image (uint8 HWC, after the eval resize) beside it with a CAM ``heatmap`` in [0, 1]."""
+def cam_overlay(view: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
+    """A CAM ``heatmap`` in [0, 1] blended over ``view`` (uint8 HWC) as a uint8 RGB image (grad-cam's colouring)."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    overlay = show_cam_on_image(view.astype(np.float32) / 255.0, heatmap, use_rgb=True)
+    return show_cam_on_image(view.astype(np.float32) / 255.0, heatmap, use_rgb=True)
+
+
+def cam_overlay_png(view: np.ndarray, heatmap: np.ndarray, out: str | os.PathLike, title: str = "") -> Path:
+    """The model's view of an image (uint8 HWC, after the eval resize) beside it with a CAM ``heatmap`` in [0, 1]."""
+    overlay = cam_overlay(view, heatmap)
     fig = _figure(8, 4.4)
     for ax, picture, label in zip(fig.subplots(1, 2), (view, overlay), ("model input", "class activation")):
         ax.imshow(picture)

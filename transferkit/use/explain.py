@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from transferkit.choices import CAM_METHODS, check_choice
@@ -26,50 +28,81 @@ def explain(model_spec, images: Sequence[str | os.PathLike], out_dir: str | os.P
 
     The map explains ``class_name`` when given, else each image's predicted class.
     """
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
     from transferkit.core.runtime import select_device
     from transferkit.data import load_image
-    from transferkit.models.predictors import ClassifierPredictor, load_predictor
-    from transferkit.models.preprocessing import eval_resize
+    from transferkit.models.predictors import load_predictor
     from transferkit.reports.plots import cam_overlay_png
     from transferkit.use.predict import expand_inputs
 
     check_choice("CAM method", method, CAM_METHODS)
     paths = expand_inputs(images)
     predictor = load_predictor(model_spec, select_device(device))
-    if not isinstance(predictor, ClassifierPredictor):
-        raise TransferkitError(
-            f"explain needs a finetuned classifier (gradients through its head); this model is kind "
-            f"{predictor.metadata.get('kind')!r} with a scikit-learn head"
-        )
     if class_name is not None and class_name not in predictor.class_names:
         raise TransferkitError(f"unknown class {class_name!r}; the model's classes are {', '.join(predictor.class_names)}")
-    model = predictor.model
-    layer_name, reshape = default_target_layer(model) if target_layer is None else (target_layer, None)
-    layer = _submodule(model, layer_name)
-    if reshape is None and target_layer is not None and is_token_model(model):
-        reshape = _token_grid_reshape(model)
-    resize = _compose(eval_resize(predictor.data_config, predictor.resize_mode))
-    transform = predictor.eval_transform()
     out_dir = ensure_writable_dir(out_dir)
-    names = unique_stems(paths)
     written = []
-    with _cam_class(method)(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
-        for path, stem in zip(paths, names):
-            image = load_image(path)
-            view = resize(image=image)["image"]
-            batch = transform(image=image)["image"].unsqueeze(0).to(predictor.device)
-            targets = None if class_name is None else [ClassifierOutputTarget(predictor.class_names.index(class_name))]
-            heatmap = cam(input_tensor=batch, targets=targets)[0]
-            probs = cam.outputs.detach().float().softmax(-1)[0].cpu().numpy()  # the CAM's own forward pass
-            pred = int(probs.argmax())
-            target = pred if class_name is None else predictor.class_names.index(class_name)
-            title = (f"predicted {predictor.class_names[pred]} ({probs[pred]:.2f}); "
-                     f"{method} for {predictor.class_names[target]} at {layer_name}")
+    with ClassActivationMaps(predictor, method, target_layer) as cams:
+        for path, stem in zip(paths, unique_stems(paths)):
+            target = None if class_name is None else predictor.class_names.index(class_name)
+            result = cams(load_image(path), target)
+            pred = int(result.probabilities.argmax())
+            title = (f"predicted {predictor.class_names[pred]} ({result.probabilities[pred]:.2f}); "
+                     f"{method} for {predictor.class_names[result.target]} at {cams.layer_name}")
             out = out_dir / f"{stem}.{_safe(predictor.class_names[pred])}.{_safe(method)}.png"
-            written.append(cam_overlay_png(view, heatmap, out, title))
+            written.append(cam_overlay_png(result.view, result.heatmap, out, title))
     return written
+
+
+@dataclass
+class CamResult:
+    view: np.ndarray  # uint8 HWC: the image after the eval resize, as the model saw it
+    heatmap: np.ndarray  # [H, W] in [0, 1] over ``view``
+    probabilities: np.ndarray  # class probabilities from the CAM's own forward pass (model temperature applied)
+    target: int  # the class the map explains
+
+
+class ClassActivationMaps:
+    """A classifier with a CAM method attached (hooks held until :meth:`close`): image in, :class:`CamResult` out."""
+
+    def __init__(self, predictor, method: str = "gradcam", target_layer: str | None = None):
+        from transferkit.models.predictors import ClassifierPredictor
+        from transferkit.models.preprocessing import eval_resize
+
+        check_choice("CAM method", method, CAM_METHODS)
+        if not isinstance(predictor, ClassifierPredictor):
+            raise TransferkitError(
+                f"class activation maps need a finetuned classifier (gradients through its head); this model is kind "
+                f"{predictor.metadata.get('kind')!r} with a scikit-learn head"
+            )
+        model = predictor.model
+        self.predictor = predictor
+        self.layer_name, reshape = default_target_layer(model) if target_layer is None else (target_layer, None)
+        layer = _submodule(model, self.layer_name)
+        if reshape is None and target_layer is not None and is_token_model(model):
+            reshape = _token_grid_reshape(model)
+        self._resize = _compose(eval_resize(predictor.data_config, predictor.resize_mode))
+        self._transform = predictor.eval_transform()
+        self._cam = _cam_class(method)(model=model, target_layers=[layer], reshape_transform=reshape)
+
+    def __call__(self, image: np.ndarray, target: int | None = None) -> CamResult:
+        """The map for class ``target`` (default: the predicted class) of one uint8 RGB image."""
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        batch = self._transform(image=image)["image"].unsqueeze(0).to(self.predictor.device)
+        heatmap = self._cam(input_tensor=batch, targets=None if target is None else [ClassifierOutputTarget(target)])[0]
+        logits = self._cam.outputs.detach().float()[0]  # the CAM's own forward pass
+        probabilities = (logits / self.predictor.temperature).softmax(-1).cpu().numpy()
+        return CamResult(self._resize(image=image)["image"], heatmap, probabilities,
+                         int(probabilities.argmax()) if target is None else target)
+
+    def close(self) -> None:
+        self._cam.activations_and_grads.release()
+
+    def __enter__(self) -> ClassActivationMaps:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def default_target_layer(model: torch.nn.Module) -> tuple[str, Callable | None]:
