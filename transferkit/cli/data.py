@@ -1,4 +1,5 @@
-"""`transferkit data check`: counts, corrupt files, duplicates and leakage in a dataset."""
+"""`transferkit data check` (counts, corrupt files, byte duplicates, leakage) and `data audit` (label errors,
+near-duplicates, outliers on frozen features)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import click
 
 from transferkit.cli import main
+from transferkit.cli.options import tracking_options, weights_options
+from transferkit.features.audit import DEFAULT_FOLDS, DEFAULT_THRESHOLD, DEFAULT_TOP  # light: numpy only
 
 
 @main.group()
@@ -56,3 +59,70 @@ def _print_report(report) -> None:
     for bad in report.unreadable[:10]:
         click.echo(f"  unreadable: {bad['path']}: {bad['error']}")
     click.echo("clean" if report.exit_code == 0 else f"{len(report.errors)} errors, {len(report.warnings)} warnings")
+
+
+@data.command("audit")
+@click.argument("path", type=click.Path())
+@click.option("--backbone", required=True, help="timm backbone whose frozen features describe the images.")
+@weights_options
+@click.option("--features", type=click.Path(dir_okay=False), default=None,
+              help="Reuse a `transferkit extract` file of this data, backbone and weights (refused otherwise).")
+@click.option("--out", type=click.Path(file_okay=False), default="audit", show_default=True,
+              help="Folder for report.json, embedding_map.png, gallery.png (and the features it extracts).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--top", type=click.IntRange(min=1), default=DEFAULT_TOP, show_default=True,
+              help="Suspects per kind printed and shown in the gallery (report.json lists all).")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_THRESHOLD, show_default=True,
+              help="Cosine similarity at or above which two images are near-duplicates.")
+@click.option("--folds", type=click.IntRange(min=2), default=DEFAULT_FOLDS, show_default=True,
+              help="Cross-validation folds for the out-of-fold label probabilities.")
+@click.option("--write-clean", type=click.Path(dir_okay=False), default=None,
+              help="Write a path,label,split CSV without the flagged images (for `finetune --data`).")
+@click.option("--relabel", is_flag=True, help="With --write-clean: keep label suspects under their suggested label.")
+@click.option("--val-ratio", type=float, default=0.2, show_default=True,
+              help="Share of train carved out as val when the data has no val split (as finetune does).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers [default: CPUs-1, max 8].")
+@click.option("--device", default="auto", show_default=True)
+@tracking_options
+def audit_cmd(path, backbone, as_json, top, track, **options):
+    """Find likely label errors, near-duplicates (leakage across splits, conflicts across classes) and
+    outliers in PATH with a frozen backbone. Images are never modified.
+
+    Exit code: 0 nothing found, 1 suspects found, 2 errors.
+    """
+    from transferkit.features.audit import audit
+
+    report = audit(path, backbone, top=top, track=track, **options)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_audit(report, top)
+    raise SystemExit(report.exit_code)
+
+
+def _print_audit(report, top: int) -> None:
+    summary = report.summary
+    click.echo(f"dataset   {report.dataset}: {report.images} images, {len(report.classes)} classes")
+    click.echo(f"features  {report.features} ({report.backbone}) [{report.timings['features_s']:.1f}s; "
+               f"analysis {report.timings['analysis_s']:.1f}s]")
+    click.echo(f"near-duplicates (cosine >= {report.threshold}): {summary['duplicate_groups']} groups, "
+               f"{summary['leakage_groups']} across splits (leakage), {summary['conflict_groups']} across classes")
+    for group in report.near_duplicates[:top]:
+        kind = "+".join(k for k in ("leakage", "conflict") if group[k]) or "duplicate"
+        files = ", ".join(f"{f['split']}/{f['label']}:{f['path']}" for f in group["files"][:4])
+        more = f" (+{len(group['files']) - 4})" if len(group["files"]) > 4 else ""
+        click.echo(f"  {kind:<16} {group['max_similarity']:.3f}  {files}{more}")
+    check = report.label_check
+    click.echo(f"label issues: {summary['label_issues']}" + (f" (skipped: {check['skipped']})" if "skipped" in check
+               else f" (out-of-fold accuracy {check['out_of_fold_accuracy']:.3f}, {check['folds']} folds)"))
+    for suspect in report.label_issues[:top]:
+        click.echo(f"  {suspect['score']:.3f}  {suspect['label']} -> {suspect['suggested']}  "
+                   f"{suspect['split']}:{suspect['path']}")
+    click.echo(f"outliers: {summary['outliers']}")
+    for outlier in report.outliers[:top]:
+        click.echo(f"  {outlier['score']:.3f}  {outlier['split']}/{outlier['label']}:{outlier['path']}")
+    for name, location in report.files.items():
+        click.echo(f"{name:<14} {location}")
+    click.echo("clean" if report.exit_code == 0 else "suspects found (exit 1)")

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from transferkit.core.fileio import atomic_path
 
 MAX_ANNOTATED_CLASSES = 30
+MARK_STYLES = (("x", "black"), ("o", "red"), ("^", "darkorange"), ("s", "purple"))
 CURVE_PANELS = (
     ("loss", ("train_loss", "val_loss")),
     ("accuracy", ("train_acc", "val_acc", "val_macro_f1")),
@@ -74,8 +75,6 @@ def error_gallery_png(items: Sequence[Mapping], out: str | os.PathLike, class_na
     ``true``/``pred`` may be class indices (named through ``class_names``) or names. An unreadable image
     is shown as an empty tile, and no items gives a figure that says so, so the file always exists.
     """
-    from transferkit.data.decode import load_image
-
     def name(label):
         return class_names[label] if class_names is not None and isinstance(label, (int, np.integer)) else str(label)
 
@@ -87,15 +86,62 @@ def error_gallery_png(items: Sequence[Mapping], out: str | os.PathLike, class_na
     rows = math.ceil(len(items) / columns)
     fig = _figure(3 * columns, 3.2 * rows)
     for i, item in enumerate(items):
-        ax = fig.add_subplot(rows, columns, i + 1)
-        try:
-            ax.imshow(load_image(item["path"], min_short_side=256))
-        except Exception:  # the gallery must not fail because one file vanished or is corrupt
-            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(f"{name(item['true'])} → {name(item['pred'])} ({float(item['prob']):.2f})\n"
-                     f"{Path(str(item['path'])).name}", fontsize=8)
-        ax.axis("off")
+        _thumbnail(fig.add_subplot(rows, columns, i + 1), item["path"],
+                   f"{name(item['true'])} → {name(item['pred'])} ({float(item['prob']):.2f})")
     fig.suptitle("most confident errors (true → predicted)")
+    return _save(fig, out)
+
+
+def _thumbnail(ax, path, caption: str) -> None:
+    """One gallery tile: the image (or "unreadable"), the caption and the file name."""
+    from transferkit.data.decode import load_image
+
+    try:
+        ax.imshow(load_image(path, min_short_side=256))
+    except Exception:  # the gallery must not fail because one file vanished or is corrupt
+        ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"{caption}\n{Path(str(path)).name}", fontsize=8)
+    ax.axis("off")
+
+
+def suspect_gallery_png(sections: Mapping[str, Sequence[Mapping]], out: str | os.PathLike, columns: int = 6) -> Path:
+    """One block of thumbnails per section title, each item ``{path, caption}``; empty sections say so."""
+    layout = [(title, items, math.ceil(len(items) / columns)) for title, items in sections.items()]
+    heights = [2.7 * rows + 0.4 for _, _, rows in layout]
+    fig = _figure(2.4 * columns, sum(heights))
+    for block, (title, items, rows) in zip(fig.subfigures(len(layout), 1, height_ratios=heights)
+                                           if len(layout) > 1 else [fig], layout):
+        block.suptitle(f"{title}: {len(items) or 'none'}", fontsize=10, x=0.01, ha="left")
+        for i, item in enumerate(items):
+            _thumbnail(block.add_subplot(rows, columns, i + 1), item["path"], item["caption"])
+    return _save(fig, out)
+
+
+def embedding_map_png(points: np.ndarray, labels: Sequence[int], class_names: Sequence[str],
+                      marks: Mapping[str, Sequence[int]], out: str | os.PathLike) -> Path:
+    """2-D projected embeddings ``[N, 2]`` coloured by class; rows listed in ``marks`` get one marker per kind."""
+    points, labels = np.asarray(points, dtype=np.float64), np.asarray(labels)
+    fig = _figure(9, 7.5)
+    ax = fig.add_subplot()
+    cmap = "tab10" if len(class_names) <= 10 else "tab20"
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap=cmap, vmin=-0.5,
+                         vmax=max(len(class_names), 10 if cmap == "tab10" else 20) - 0.5, s=10, alpha=0.6,
+                         linewidths=0)
+    for (kind, rows), (marker, colour) in zip(marks.items(), MARK_STYLES):
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows):
+            colours = {"color": colour} if marker == "x" else {"facecolors": "none", "edgecolors": colour}
+            ax.scatter(points[rows, 0], points[rows, 1], marker=marker, s=60, linewidths=1.2,
+                       label=f"{kind} ({len(rows)})", **colours)
+    if len(class_names) <= MAX_ANNOTATED_CLASSES:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], marker="o", linestyle="", color=scatter.cmap(scatter.norm(i)), label=name)
+                   for i, name in enumerate(class_names)]
+        fig.legend(handles=handles, title="class", loc="outside right upper", fontsize=8)
+    if any(len(rows) for rows in marks.values()):
+        fig.legend(*ax.get_legend_handles_labels(), title="suspects", loc="outside right lower", fontsize=8)
+    ax.set(title=f"embedding map ({len(points)} images, 2-D projection)", xticks=[], yticks=[])
     return _save(fig, out)
 
 

@@ -1,0 +1,320 @@
+"""`data audit`: label errors, near-duplicates, leakage and outliers, found on a frozen backbone's features.
+
+One extraction (or an up-to-date `extract` output, reused) gives every image a vector; then, without
+touching the images again:
+
+- near-duplicates: pairs with cosine similarity >= ``threshold`` (:mod:`transferkit.features.neighbours`),
+  grouped by connected components; a group is *leakage* when it spans splits, a *conflict* when it spans
+  classes;
+- label issues: cleanlab's confident learning on out-of-fold logistic-regression probabilities
+  (:mod:`transferkit.features.label_issues`), each with its given and suggested label and a score;
+- outliers: images whose nearest neighbours are all far away.
+
+Findings go to ``report.json``, ``embedding_map.png`` and ``gallery.png`` in ``out``, to MLflow when tracking
+is on, and optionally to a cleaned CSV (path,label,split) that `finetune --data` reads. No image is ever
+moved, deleted or edited.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.core.fileio import atomic_path, ensure_writable_dir, write_json
+from transferkit.errors import TransferkitError
+from transferkit.features.label_issues import CLASSIFIER, DEFAULT_FOLDS
+
+# Cosine similarity of a 0.8x-resized, JPEG q70 copy to its source is >= 0.95 for 99 % of signdigits images
+# with tf_efficientnet_lite0, while only 0.3 % of genuine nearest neighbours reach 0.95 (docs/benchmarks/audit.md).
+DEFAULT_THRESHOLD = 0.95
+DEFAULT_TOP = 12
+OUTLIER_NEIGHBOURS = 10
+FEATURES_FILE = "features.parquet"
+CLEAN, SUSPECTS = 0, 1
+SPLIT_PRIORITY = {"train": 0, "val": 1, "test": 2}
+
+
+@dataclass
+class AuditReport:
+    """What the audit found; ``to_dict()`` is ``report.json``. Lists are ordered most severe first."""
+
+    dataset: str
+    fingerprint: str
+    backbone: str
+    weights: str
+    features: str
+    classes: list[str]
+    images: int
+    threshold: float
+    near_duplicates: list[dict] = field(default_factory=list)
+    label_issues: list[dict] = field(default_factory=list)
+    outliers: list[dict] = field(default_factory=list)
+    label_check: dict = field(default_factory=dict)
+    outlier_cutoff: float | None = None
+    timings: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict:
+        groups = self.near_duplicates
+        return {
+            "leakage_groups": sum(g["leakage"] for g in groups),
+            "conflict_groups": sum(g["conflict"] for g in groups),
+            "duplicate_groups": len(groups),
+            "label_issues": len(self.label_issues),
+            "outliers": len(self.outliers),
+        }
+
+    @property
+    def exit_code(self) -> int:
+        return SUSPECTS if self.near_duplicates or self.label_issues or self.outliers else CLEAN
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "summary": self.summary, "exit_code": self.exit_code}
+
+
+def audit(data, backbone: str, *, weights=None, weights_config=None, pretrained: bool = True, features=None,
+          out: str | os.PathLike = "audit", threshold: float = DEFAULT_THRESHOLD, top: int = DEFAULT_TOP,
+          folds: int = DEFAULT_FOLDS, val_ratio: float = 0.2, seed: int = 0, batch_size: int = 32, workers: int | None = None,
+          device: str = "auto", write_clean: str | os.PathLike | None = None, relabel: bool = False,
+          track: bool = False, tracking_uri: str | None = None, experiment: str | None = None) -> AuditReport:
+    """Audit the dataset at ``data`` with ``backbone``'s frozen features; see the module docstring.
+
+    ``features`` is a file from `transferkit extract` of the same data, backbone and weights (refused
+    otherwise); without it, features are extracted once into ``out/features.parquet`` and reused by the
+    next audit while data and weights are unchanged. ``top`` bounds the gallery, not the report.
+    """
+    from transferkit.data import discover
+    from transferkit.features.extract import read_features
+
+    if not 0.0 < threshold <= 1.0:
+        raise TransferkitError(f"threshold must be in (0, 1], got {threshold}; it is a cosine similarity")
+    if relabel and write_clean is None:
+        raise TransferkitError("--relabel only applies with --write-clean FILE.csv")
+    index = discover(data, val_ratio=val_ratio, seed=seed)
+    clean_csv = _check_clean_target(write_clean, data) if write_clean is not None else None
+    out = ensure_writable_dir(out)
+    started = time.perf_counter()
+    if features is None:
+        from transferkit.features.extract import extract_features
+
+        features = extract_features(backbone, data, out / FEATURES_FILE, weights=weights,
+                                    weights_config=weights_config, pretrained=pretrained, batch_size=batch_size,
+                                    workers=workers, device=device, val_ratio=val_ratio, seed=seed)
+    else:
+        check_features_match(features, index, backbone, weights=weights, weights_config=weights_config,
+                             pretrained=pretrained)
+    features_s = time.perf_counter() - started
+    table, metadata = read_features(features)
+    report = analyse_features(table, metadata, index, threshold=threshold, folds=folds, seed=seed)
+    report.features = str(features)
+    analysed = time.perf_counter()
+    report.files = write_outputs(report, table, out, top=top)
+    if clean_csv is not None:
+        report.files["clean_csv"] = str(write_clean_csv(report, index, clean_csv, relabel=relabel))
+    finished = time.perf_counter()
+    report.timings = {"features_s": round(features_s, 2), "analysis_s": round(analysed - started - features_s, 2),
+                      "outputs_s": round(finished - analysed, 2), "total_s": round(finished - started, 2)}
+    write_json(out / "report.json", report.to_dict())
+    if track:
+        report.files["mlflow_run_id"] = _track(report, index, out, tracking_uri=tracking_uri, experiment=experiment)
+        write_json(out / "report.json", report.to_dict())
+    return report
+
+
+def check_features_match(path, index, backbone: str, *, weights=None, weights_config=None,
+                         pretrained: bool = True) -> None:
+    """Refuse a features file made from other weights, another backbone or other data than this audit's."""
+    from transferkit.features.extract import build_feature_model, read_metadata
+    from transferkit.models.backbones import backbone_identity
+
+    metadata = read_metadata(path)
+    model, data_config = build_feature_model(backbone, weights=weights, weights_config=weights_config,
+                                             pretrained=pretrained)
+    identity = backbone_identity(model)
+    expected = {"backbone": identity["backbone"], "weights": identity["weights"],
+                "model_kwargs": identity["model_kwargs"], "data_config": data_config}
+    differ = [key for key, value in expected.items() if _json_equal(metadata.get(key), value) is False]
+    if identity["weights"] == "random-init":
+        differ.append("weights (random-init: two random backbones are never the same)")
+    if differ:
+        raise TransferkitError(f"features file {path} was made with other {', '.join(differ)} than this audit's "
+                               f"{backbone} (weights {identity['weights']}); drop --features to extract afresh, "
+                               "or pass the matching --backbone/--weights")
+    dataset = metadata.get("dataset", {})
+    if dataset.get("fingerprint") != index.fingerprint() or metadata.get("split") != "all":
+        raise TransferkitError(f"features file {path} was made from other data (or another split, val ratio, seed) "
+                               f"than {index.root}; drop --features to extract afresh, or re-run `transferkit extract`")
+
+
+def _json_equal(a, b) -> bool:
+    import json
+
+    return json.dumps(a, sort_keys=True) == json.dumps(json.loads(json.dumps(b)), sort_keys=True)
+
+
+def analyse_features(table, metadata, index, *, threshold: float = DEFAULT_THRESHOLD, folds: int = DEFAULT_FOLDS,
+                     seed: int = 0) -> AuditReport:
+    """The audit proper on ``read_features`` output whose rows are ``index``'s images (no file I/O)."""
+    from transferkit.features.label_issues import outlier_cutoff, outlier_scores
+    from transferkit.features.neighbours import duplicate_groups, nearest_neighbours
+
+    report = AuditReport(str(index.root), index.fingerprint(), metadata["backbone"], metadata["weights"], "",
+                         list(metadata["class_names"]), len(table), float(threshold))
+    neighbours = nearest_neighbours(table.vectors, k=OUTLIER_NEIGHBOURS, threshold=threshold)
+    for group in duplicate_groups(len(table), neighbours.pairs, neighbours.pair_similarities):
+        members = group.pop("members")
+        report.near_duplicates.append({
+            "leakage": len(set(table.splits[members])) > 1,
+            "conflict": len(set(table.label_index[members])) > 1,
+            **{k: round(v, 4) for k, v in group.items()},
+            "files": [_file(table, i) for i in members],
+        })
+    report.near_duplicates.sort(key=lambda g: (not g["leakage"], not g["conflict"]))  # stable: size order kept
+    _add_label_issues(report, table, folds=folds, seed=seed)
+    if len(table) > OUTLIER_NEIGHBOURS:
+        scores = outlier_scores(neighbours.similarities)
+        report.outlier_cutoff = round(outlier_cutoff(scores), 4)
+        flagged = np.flatnonzero(scores > report.outlier_cutoff)
+        report.outliers = [{**_file(table, i), "score": round(float(scores[i]), 4)}
+                           for i in flagged[np.argsort(-scores[flagged], kind="stable")]]
+    return report
+
+
+def _file(table, i: int) -> dict:
+    """Row ``i`` of a feature table as the ``{path, label, split}`` the report lists."""
+    return {"path": str(table.paths[i]), "label": str(table.labels[i]), "split": str(table.splits[i])}
+
+
+def _add_label_issues(report: AuditReport, table, *, folds: int, seed: int) -> None:
+    from transferkit.features.label_issues import find_label_suspects
+
+    counts = np.bincount(table.label_index, minlength=len(report.classes))
+    present = counts[counts > 0]
+    if len(present) < 2 or present.min() < 2:
+        small = [report.classes[c] for c in np.flatnonzero((counts > 0) & (counts < 2))]
+        report.label_check = {"skipped": f"needs two classes with 2+ images each (too few: {', '.join(small)})"}
+        return
+    issues = find_label_suspects(table.vectors, table.label_index, len(report.classes), folds=folds, seed=seed)
+    report.label_check = {"classifier": CLASSIFIER,
+                          "folds": issues.folds,
+                          "out_of_fold_accuracy": round(float((issues.suggested == table.label_index).mean()), 4)}
+    report.label_issues = [{**_file(table, i), "suggested": report.classes[issues.suggested[i]],
+                            "score": round(float(issues.quality[i]), 4)} for i in issues.ranked]
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_outputs(report: AuditReport, table, out: Path, *, top: int = DEFAULT_TOP) -> dict:
+    """The embedding map and the gallery of top suspects; returns ``{name: path}``."""
+    from transferkit.reports.plots import embedding_map_png, suspect_gallery_png
+
+    root = Path(report.dataset)
+    position = {path: i for i, path in enumerate(table.paths)}
+    marks = {
+        "label issue": [position[s["path"]] for s in report.label_issues],
+        "near-duplicate (leakage/conflict)": [position[f["path"]] for g in report.near_duplicates
+                                              if g["leakage"] or g["conflict"] for f in g["files"]],
+        "outlier": [position[s["path"]] for s in report.outliers],
+    }
+    files = {"embedding_map": embedding_map_png(projection_2d(table.vectors), table.label_index, report.classes,
+                                                marks, out / "embedding_map.png")}
+    sections = {
+        "label issues (given → suggested, score)": [
+            {"path": root / s["path"], "caption": f"{s['label']} → {s['suggested']} ({s['score']:.2f})"}
+            for s in report.label_issues[:top]],
+        "near-duplicates (group, split/label, similarity)": [
+            {"path": root / f["path"], "caption": f"#{g_i} {f['split']}/{f['label']} ({g['max_similarity']:.3f})"}
+            for g_i, g in enumerate(report.near_duplicates[:max(1, top // 2)]) for f in g["files"][:2]],
+        "outliers (label, distance)": [
+            {"path": root / s["path"], "caption": f"{s['label']} ({s['score']:.2f})"} for s in report.outliers[:top]],
+    }
+    files["gallery"] = suspect_gallery_png(sections, out / "gallery.png")
+    return {name: str(path) for name, path in files.items()}
+
+
+def projection_2d(vectors: np.ndarray) -> np.ndarray:
+    """PCA of the L2-normalised vectors: instant at any size, unlike t-SNE, and distances stay honest."""
+    from sklearn.decomposition import PCA
+
+    from transferkit.features.neighbours import l2_normalise
+
+    if len(vectors) < 2:
+        return np.zeros((len(vectors), 2))
+    points = PCA(n_components=min(2, vectors.shape[1]), random_state=0).fit_transform(l2_normalise(vectors))
+    return np.pad(points, ((0, 0), (0, 2 - points.shape[1])))
+
+
+def clean_rows(report: AuditReport, index, *, relabel: bool = False) -> list[dict]:
+    """The dataset's rows without the flagged images (absolute paths).
+
+    Label issues are dropped, or given their suggested label with ``relabel``; outliers are dropped; of each
+    near-duplicate group one image stays: a train one if any, else val, else test (so leakage goes), and
+    among those the first listed.
+    """
+    drop = {s["path"] for s in report.outliers}
+    for group in report.near_duplicates:
+        keep = min(group["files"], key=lambda f: SPLIT_PRIORITY.get(f["split"], 3))
+        drop.update(f["path"] for f in group["files"] if f is not keep)
+    suggested = {s["path"]: s["suggested"] for s in report.label_issues}
+    if not relabel:
+        drop.update(suggested)
+        suggested = {}
+    rows = []
+    for record, sample in zip(index.records(), index.samples):
+        if record["path"] not in drop:
+            rows.append({"path": sample.path.resolve(), "label": suggested.get(record["path"], record["label"]),
+                         "split": record["split"]})
+    return rows
+
+
+def write_clean_csv(report: AuditReport, index, target: str | os.PathLike, *, relabel: bool = False) -> Path:
+    """:func:`clean_rows` as a ``path,label,split`` CSV, paths relative to the CSV (as `discover` reads them)."""
+    from transferkit.data.discover import CSV_COLUMNS
+
+    target = Path(target)
+    with atomic_path(target) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in clean_rows(report, index, relabel=relabel):
+            path = Path(os.path.relpath(row["path"], target.resolve().parent)).as_posix()
+            writer.writerow({**row, "path": path})
+    return target
+
+
+def _check_clean_target(target, data) -> Path:
+    target = Path(target)
+    if target.suffix.lower() != ".csv":
+        raise TransferkitError(f"--write-clean {target} must end in .csv (path,label,split, as `finetune --data` reads)")
+    if target.exists():
+        raise TransferkitError(f"{target} already exists; choose another --write-clean path or remove it")
+    return target
+
+
+def _track(report: AuditReport, index, out: Path, *, tracking_uri, experiment) -> str:
+    """One MLflow run (its id is returned): counts as metrics, the report and PNGs as artifacts, the dataset."""
+    from transferkit.tracking.runs import default_experiment_name, default_run_name, run_tags, start_run
+
+    params = {"backbone": report.backbone, "weights": report.weights, "threshold": report.threshold,
+              "images": report.images, **{f"label_check.{k}": v for k, v in report.label_check.items()
+                                          if k != "out_of_fold_accuracy"}}
+    with start_run("data audit", tracking_uri=tracking_uri,
+                   experiment=experiment or default_experiment_name(report.dataset),
+                   run_name=default_run_name(report.backbone, "audit"), params=params, system_metrics=False,
+                   tags=run_tags(backbone=report.backbone, strategy="audit",
+                                 dataset_fingerprint=report.fingerprint)) as tracker:
+        tracker.log_dataset(index, context="audit")
+        tracker.log_metrics({**report.summary, **report.timings,
+                             "out_of_fold_accuracy": report.label_check.get("out_of_fold_accuracy")})
+        for name in ("report.json", "embedding_map.png", "gallery.png"):
+            if (out / name).is_file():
+                tracker.log_artifact(out / name, "audit")
+        if report.files.get("clean_csv"):
+            tracker.log_artifact(report.files["clean_csv"], "audit")
+    return tracker.run_id
