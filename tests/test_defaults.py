@@ -169,3 +169,37 @@ def test_lr_find_suggests_a_finite_lr_and_lr_auto_stores_it(runner, tiny_data, t
     saved = resolve_config(run.run_dir / "config.yaml").lr
     assert isinstance(saved, float) and math.isfinite(saved) and (run.run_dir / "lr_find.png").is_file()
     assert run.history[0]["lr"] == pytest.approx(saved)
+
+
+def _separable_table(n_per_class=20, classes=3, dim=8):
+    from transferkit.features.extract import FeatureTable
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(classes), n_per_class)
+    vectors = (rng.normal(size=(len(labels), dim)) + labels[:, None] * 0.8).astype(np.float32)
+    return FeatureTable(np.array([f"{i}.png" for i in range(len(labels))]), labels.astype(str), labels,
+                        np.array(["train"] * len(labels)), vectors), {"class_names": [str(c) for c in range(classes)]}
+
+
+def test_svm_search_runs_folds_in_parallel_fits_each_point_once_and_shows_a_bar(monkeypatch, capsys):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    from transferkit.features.classical_heads import fit_head
+
+    fits = []
+    original = LogisticRegression.fit
+    monkeypatch.setattr(LogisticRegression, "fit", lambda self, *a, **k: fits.append(self.C) or original(self, *a, **k))
+    features = _separable_table()
+    serial = fit_head(features, "logistic", cv=3, n_jobs=1, progress=False)
+    assert len(fits) == 4 * 3 + 1  # every grid point once per fold, then one fit on all train rows
+    parallel = fit_head(features, "logistic", cv=3, n_jobs=2, progress=True)
+    assert "grid search" in capsys.readouterr().err  # the bar, when asked for (by default: on a terminal)
+    assert parallel.best_params == serial.best_params and parallel.cv_accuracy == serial.cv_accuracy
+    table = features[0]  # the same choice as scikit-learn's own search on the standardised vectors
+    search = GridSearchCV(LogisticRegression(max_iter=5000), {"C": [0.01, 0.1, 1.0, 10.0]},
+                          cv=StratifiedKFold(3, shuffle=True, random_state=0))
+    search.fit(StandardScaler().fit_transform(table.vectors), table.label_index)
+    assert serial.best_params == search.best_params_
+    assert serial.cv_accuracy == pytest.approx(search.best_score_, abs=0.02)  # warm starts: same optimum, tol apart

@@ -72,10 +72,12 @@ def extract_cmd(backbone, data, out, **options):
 @click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True,
               help="Stratified folds for the grid search on train (capped by the smallest class).")
 @click.option("--grid", default=None, help="Search space, e.g. 'C=0.01,0.1,1' or 'C=1,10;gamma=scale,0.01'.")
+@click.option("--jobs", type=int, default=-1, show_default=True,
+              help="Folds of the grid search fitted in parallel (-1: one per CPU core).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Model folder [default: runs/svm-<backbone>-<model>].")
 @tracking_options
-def svm_cmd(features, backbone, data, head_model, cv, grid, out, track, tracking_uri, experiment, **options):
+def svm_cmd(features, backbone, data, head_model, cv, grid, jobs, out, track, tracking_uri, experiment, **options):
     """Fit an SVM / logistic head on frozen features and save it as a model for predict/evaluate.
 
     Either --features FILE, or --backbone NAME --data PATH (extracts into the model folder, then fits).
@@ -94,7 +96,8 @@ def svm_cmd(features, backbone, data, head_model, cv, grid, out, track, tracking
     weights = options["weights"]
     if not features:
         features = extract_features(backbone, data, out / "features.parquet", **options)
-    result = fit_head(features, head_model, cv=cv, grid=grid, out=out, weights=weights, seed=options["seed"])
+    result = fit_head(features, head_model, cv=cv, grid=grid, out=out, weights=weights, seed=options["seed"],
+                      n_jobs=jobs)
     _print_result(result)
     if track:
         _track(result, read_metadata(features), tracking_uri=tracking_uri, experiment=experiment)

@@ -53,8 +53,11 @@ def check_dataset(index: DatasetIndex, min_side: int = 224, max_imbalance: float
     if report.imbalance_ratio > max_imbalance:
         report.warnings.append(f"class imbalance {report.imbalance_ratio}:1 in train (limit {max_imbalance}:1); "
                                "consider --balance weights or sampler")
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(_inspect, index.samples))
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # a bar on a terminal only (disable=None)
+        results = list(tqdm(pool.map(_inspect, index.samples), total=len(index.samples), desc="check", unit="img",
+                            disable=None, leave=False))
     by_hash = defaultdict(list)
     for sample, (digest, size, error) in zip(index.samples, results):
         rel = index.relpath(sample)

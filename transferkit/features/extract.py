@@ -106,14 +106,15 @@ def iter_features(model: torch.nn.Module, loader: Iterable, device: torch.device
                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """THE feature loop: ``(vectors [b, D] float32, labels [b])`` per batch of ``loader``, in order."""
     import torch
+    from tqdm.auto import tqdm
 
     from transferkit.core.runtime import autocast, to_device
 
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            for images, labels in loader:
+        with torch.inference_mode():  # a bar on a terminal only (disable=None), one per pass
+            for images, labels in tqdm(loader, desc="features", unit="batch", disable=None, leave=False):
                 with autocast(device, amp):
                     vectors = embed(model, to_device(images, device), pool=pool, layer=layer, tta=tta)
                 yield vectors.float().cpu().numpy(), np.asarray(labels)
