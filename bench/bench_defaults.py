@@ -10,8 +10,8 @@ On ``../shared/data/signdigits`` (10 classes; train / validation folders) with `
 (d) frozen features + scikit-learn logistic regression (StandardScaler, C=1).
 
 All arms see the same seeded train subset and the full validation split at the same input size; the scale-down
-(``--per-class``, ``--img-size``) is printed with the results. Usage:
-    python bench/bench_defaults.py --epochs 3 --per-class 30 --img-size 64
+(``--per-class``, ``--val-per-class``, ``--img-size``) is printed with the results. Usage:
+    python bench/bench_defaults.py --epochs 3 --per-class 10 --val-per-class 15 --img-size 64
 """
 
 from __future__ import annotations
@@ -29,15 +29,16 @@ from _common import BACKBONE, SHARED, WEIGHTS
 DATA = SHARED / "data" / "signdigits"
 
 
-def subset(root: Path, per_class: int | None, seed: int = 0) -> Path:
-    """A folder of symlinks: ``per_class`` seeded train images per class (all if None) and the whole validation."""
+def subset(root: Path, per_class: int | None, val_per_class: int | None, seed: int = 0) -> Path:
+    """A folder of symlinks: ``per_class`` seeded train and ``val_per_class`` val images per class (None: all)."""
     out = Path(tempfile.mkdtemp(prefix="signdigits-"))
     rng = random.Random(seed)
     for split in ("train", "validation"):
         for cls in sorted(p for p in (root / split).iterdir() if p.is_dir()):
             files = sorted(cls.iterdir())
-            if split == "train" and per_class is not None:
-                files = sorted(rng.sample(files, min(per_class, len(files))))
+            keep = per_class if split == "train" else val_per_class
+            if keep is not None:
+                files = sorted(rng.sample(files, min(keep, len(files))))
             (out / split / cls.name).mkdir(parents=True)
             for f in files:
                 (out / split / cls.name / f.name).symlink_to(f)
@@ -50,7 +51,7 @@ def transferkit_arm(data: Path, epochs: int, img_size: int, **settings) -> dict:
 
     out = Path(tempfile.mkdtemp(prefix="bench-defaults-runs-"))
     config = resolve_config(None, {"backbone": BACKBONE, "weights": str(WEIGHTS), "data": str(data), "out": str(out),
-                                   "track": False, "epochs": epochs, "img_size": img_size, "workers": 1,
+                                   "track": False, "epochs": epochs, "img_size": img_size, "workers": 0,
                                    "early_stopping": 0, **settings})
     started = time.perf_counter()
     result = finetune(config, progress=True)
@@ -80,8 +81,8 @@ def timm_torchvision_loop(data: Path, epochs: int, img_size: int, seed: int = 0)
     val_tf = T.Compose([T.Resize(int(math.floor(img_size / cfg["crop_pct"]))), T.CenterCrop(img_size), T.ToTensor(),
                         normalize])
     train = torch.utils.data.DataLoader(datasets.ImageFolder(data / "train", train_tf), batch_size=16, shuffle=True,
-                                        num_workers=1, drop_last=True)
-    val = torch.utils.data.DataLoader(datasets.ImageFolder(data / "validation", val_tf), batch_size=64, num_workers=1)
+                                        num_workers=0, drop_last=True)
+    val = torch.utils.data.DataLoader(datasets.ImageFolder(data / "validation", val_tf), batch_size=64, num_workers=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(train))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -124,7 +125,7 @@ def features_logistic(data: Path, img_size: int) -> dict:
 
     def features(split):
         loader = torch.utils.data.DataLoader(datasets.ImageFolder(data / split, transform), batch_size=64,
-                                             num_workers=1)
+                                             num_workers=0)
         rows, labels = [], []
         with torch.no_grad():
             for images, y in loader:
@@ -135,6 +136,32 @@ def features_logistic(data: Path, img_size: int) -> dict:
     (x_train, y_train), (x_val, y_val) = features("train"), features("validation")
     head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(x_train, y_train)
     return {"val_acc": float((head.predict(x_val) == y_val).mean()), "seconds": time.perf_counter() - started}
+
+
+def svm_head_timing(features_file: Path, model: str = "logistic") -> dict:
+    """Seconds to choose and fit the head on a features file: 4be90e4's search vs today's :func:`fit_head`."""
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from transferkit.features.classical_heads import DEFAULT_GRIDS, fit_head, make_estimator
+    from transferkit.features.extract import read_features
+
+    table, metadata = read_features(features_file)
+    train = table.subset("train")
+    started = time.perf_counter()  # 4be90e4: one process, scaler refitted per fold and candidate, then a refit
+    search = GridSearchCV(Pipeline([("scale", StandardScaler()), ("clf", make_estimator(model))]),
+                          {f"clf__{k}": v for k, v in DEFAULT_GRIDS[model].items()},
+                          cv=StratifiedKFold(5, shuffle=True, random_state=0), scoring="accuracy", refit=False)
+    search.fit(train.vectors, train.label_index)
+    best = {k.removeprefix("clf__"): v for k, v in search.best_params_.items()}
+    Pipeline([("scale", StandardScaler()), ("clf", make_estimator(model, **best))]).fit(train.vectors, train.label_index)
+    old = time.perf_counter() - started
+    started = time.perf_counter()
+    result = fit_head((table, metadata), model, progress=False)
+    new = time.perf_counter() - started
+    return {"rows": len(train), "dim": int(train.vectors.shape[1]), "old_seconds": old, "new_seconds": new,
+            "old_best": best, "new_best": result.best_params, "new_cv_accuracy": result.cv_accuracy}
 
 
 ARMS = {
@@ -150,15 +177,22 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--per-class", type=int, default=None, help="seeded train images per class (default all)")
+    parser.add_argument("--val-per-class", type=int, default=None, help="seeded val images per class (default all)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--arms", default="abBcd", help="letters of the arms to run (B = b at one epoch less)")
+    parser.add_argument("--svm-features", type=Path, default=None,
+                        help="only time the SVM/logistic head search on this features file")
     args = parser.parse_args()
+    if args.svm_features:
+        print(json.dumps(svm_head_timing(args.svm_features)), flush=True)
+        return
     import torch
 
-    data = subset(DATA, args.per_class)
+    data = subset(DATA, args.per_class, args.val_per_class)
     n_train = sum(1 for _ in (data / "train").rglob("*") if _.is_file())
     n_val = sum(1 for _ in (data / "validation").rglob("*") if _.is_file())
-    print(f"# signdigits: {n_train} train images ({args.per_class or 'all'} per class, seed 0), {n_val} val; "
+    print(f"# signdigits: {n_train} train images ({args.per_class or 'all'} per class, seed 0), {n_val} val "
+          f"({args.val_per_class or 'all'} per class); "
           f"{BACKBONE} at {args.img_size} px; {args.epochs} epochs; torch threads {torch.get_num_threads()}",
           flush=True)
     letters = {"a": "a: old", "b": "b: new", "B": "b at one", "c": "c: timm", "d": "d: features"}
