@@ -118,7 +118,7 @@ def test_audit_finds_planted_leakage_and_label_error_and_writes_a_clean_csv(runn
     report = json.loads((tmp_path / "audit" / "report.json").read_text())
     leakage = [{f["path"] for f in g["files"]} for g in report["near_duplicates"] if g["leakage"]]
     assert leakage == [planted["pair"]]
-    assert report["near_duplicates"][0]["max_similarity"] >= 0.95
+    assert report["near_duplicates"][0]["max_pixel_similarity"] >= 0.99
     assert [(s["path"], s["label"], s["suggested"]) for s in report["label_issues"]] == [
         (planted["flipped"], "dog", "cat")]
     assert report["outliers"] == [] and report["exit_code"] == 1

@@ -9,7 +9,12 @@ import click
 
 from transferkit.cli import main
 from transferkit.cli.options import tracking_options, weights_options
-from transferkit.features.audit import DEFAULT_FOLDS, DEFAULT_THRESHOLD, DEFAULT_TOP  # light: numpy only
+from transferkit.features.audit import (  # light: numpy only
+    DEFAULT_FOLDS,
+    DEFAULT_PIXEL_THRESHOLD,
+    DEFAULT_THRESHOLD,
+    DEFAULT_TOP,
+)
 
 
 @main.group()
@@ -73,7 +78,10 @@ def _print_report(report) -> None:
 @click.option("--top", type=click.IntRange(min=1), default=DEFAULT_TOP, show_default=True,
               help="Suspects per kind printed and shown in the gallery (report.json lists all).")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_THRESHOLD, show_default=True,
-              help="Cosine similarity at or above which two images are near-duplicates.")
+              help="Cosine similarity of (centred) embeddings at or above which two images are near-duplicates.")
+@click.option("--pixel-threshold", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_PIXEL_THRESHOLD,
+              show_default=True, help="Thumbnail correlation at or above which two images are near-duplicates "
+                                      "(catches resized / re-encoded copies).")
 @click.option("--folds", type=click.IntRange(min=2), default=DEFAULT_FOLDS, show_default=True,
               help="Cross-validation folds for the out-of-fold label probabilities.")
 @click.option("--write-clean", type=click.Path(dir_okay=False), default=None,
@@ -107,7 +115,8 @@ def _print_audit(report, top: int) -> None:
     click.echo(f"dataset   {report.dataset}: {report.images} images, {len(report.classes)} classes")
     click.echo(f"features  {report.features} ({report.backbone}) [{report.timings['features_s']:.1f}s; "
                f"analysis {report.timings['analysis_s']:.1f}s]")
-    click.echo(f"near-duplicates (cosine >= {report.threshold}): {summary['duplicate_groups']} groups, "
+    click.echo(f"near-duplicates (embedding cosine >= {report.threshold} or thumbnail correlation >= "
+               f"{report.pixel_threshold}): {summary['duplicate_groups']} groups, "
                f"{summary['leakage_groups']} across splits (leakage), {summary['conflict_groups']} across classes")
     for group in report.near_duplicates[:top]:
         kind = "+".join(k for k in ("leakage", "conflict") if group[k]) or "duplicate"

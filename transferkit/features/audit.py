@@ -1,12 +1,13 @@
 """`data audit`: label errors, near-duplicates, leakage and outliers, found on a frozen backbone's features.
 
-One extraction (or an up-to-date `extract` output, reused) gives every image a vector; then, without
-touching the images again:
+One extraction (or an up-to-date `extract` output, reused) gives every image a vector, and one cheap
+reduced-scale decode a 16x16 thumbnail; then:
 
-- near-duplicates: pairs with cosine similarity >= ``threshold`` (:mod:`transferkit.features.neighbours`),
-  grouped by connected components; a group is *leakage* when it spans splits, a *conflict* when it spans
-  classes;
-- label issues: cleanlab's confident learning on out-of-fold logistic-regression probabilities
+- near-duplicates: pairs whose centred embeddings have cosine >= ``threshold`` (same content, e.g. a crop
+  or shift) or whose thumbnails correlate >= ``pixel_threshold`` (a resized / re-encoded copy, which moves
+  backbone features more than one would hope; see :mod:`transferkit.features.neighbours`), grouped by
+  connected components; a group is *leakage* when it spans splits, a *conflict* when it spans classes;
+- label issues: cleanlab's confident learning on out-of-fold probabilities of a shrinkage LDA
   (:mod:`transferkit.features.label_issues`), each with its given and suggested label and a score;
 - outliers: images whose nearest neighbours are all far away.
 
@@ -18,6 +19,7 @@ moved, deleted or edited.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,9 +31,11 @@ from transferkit.core.fileio import atomic_path, ensure_writable_dir, write_json
 from transferkit.errors import TransferkitError
 from transferkit.features.label_issues import CLASSIFIER, DEFAULT_FOLDS
 
-# Cosine similarity of a 0.8x-resized, JPEG q70 copy to its source is >= 0.95 for 99 % of signdigits images
-# with tf_efficientnet_lite0, while only 0.3 % of genuine nearest neighbours reach 0.95 (docs/benchmarks/audit.md).
+# Centred cosine of tf_efficientnet_lite0 features: no two distinct signdigits images reach 0.89
+# (docs/benchmarks/audit.md), so 0.95 flags only the same content.
 DEFAULT_THRESHOLD = 0.95
+# Thumbnail correlation: planted copies >= 0.998, any two distinct signdigits images <= 0.975.
+DEFAULT_PIXEL_THRESHOLD = 0.99
 DEFAULT_TOP = 12
 OUTLIER_NEIGHBOURS = 10
 FEATURES_FILE = "features.parquet"
@@ -51,6 +55,7 @@ class AuditReport:
     classes: list[str]
     images: int
     threshold: float
+    pixel_threshold: float
     near_duplicates: list[dict] = field(default_factory=list)
     label_issues: list[dict] = field(default_factory=list)
     outliers: list[dict] = field(default_factory=list)
@@ -79,9 +84,10 @@ class AuditReport:
 
 
 def audit(data, backbone: str, *, weights=None, weights_config=None, pretrained: bool = True, features=None,
-          out: str | os.PathLike = "audit", threshold: float = DEFAULT_THRESHOLD, top: int = DEFAULT_TOP,
-          folds: int = DEFAULT_FOLDS, val_ratio: float = 0.2, seed: int = 0, batch_size: int = 32, workers: int | None = None,
-          device: str = "auto", write_clean: str | os.PathLike | None = None, relabel: bool = False,
+          out: str | os.PathLike = "audit", threshold: float = DEFAULT_THRESHOLD,
+          pixel_threshold: float = DEFAULT_PIXEL_THRESHOLD, top: int = DEFAULT_TOP,
+          folds: int = DEFAULT_FOLDS, val_ratio: float = 0.2, seed: int = 0, batch_size: int = 32,
+          workers: int | None = None, device: str = "auto", write_clean: str | os.PathLike | None = None, relabel: bool = False,
           track: bool = False, tracking_uri: str | None = None, experiment: str | None = None) -> AuditReport:
     """Audit the dataset at ``data`` with ``backbone``'s frozen features; see the module docstring.
 
@@ -91,13 +97,15 @@ def audit(data, backbone: str, *, weights=None, weights_config=None, pretrained:
     """
     from transferkit.data import discover
     from transferkit.features.extract import read_features
+    from transferkit.features.neighbours import thumbnail_signatures
 
-    if not 0.0 < threshold <= 1.0:
-        raise TransferkitError(f"threshold must be in (0, 1], got {threshold}; it is a cosine similarity")
+    for name, value in (("threshold", threshold), ("pixel threshold", pixel_threshold)):
+        if not 0.0 < value <= 1.0:
+            raise TransferkitError(f"{name} must be in (0, 1], got {value}; it is a cosine similarity")
     if relabel and write_clean is None:
         raise TransferkitError("--relabel only applies with --write-clean FILE.csv")
     index = discover(data, val_ratio=val_ratio, seed=seed)
-    clean_csv = _check_clean_target(write_clean, data) if write_clean is not None else None
+    clean_csv = _check_clean_target(write_clean) if write_clean is not None else None
     out = ensure_writable_dir(out)
     started = time.perf_counter()
     if features is None:
@@ -111,7 +119,9 @@ def audit(data, backbone: str, *, weights=None, weights_config=None, pretrained:
                              pretrained=pretrained)
     features_s = time.perf_counter() - started
     table, metadata = read_features(features)
-    report = analyse_features(table, metadata, index, threshold=threshold, folds=folds, seed=seed)
+    signatures = thumbnail_signatures([index.root / path for path in table.paths])
+    report = analyse_features(table, metadata, index, signatures=signatures, threshold=threshold,
+                              pixel_threshold=pixel_threshold, folds=folds, seed=seed)
     report.features = str(features)
     analysed = time.perf_counter()
     report.files = write_outputs(report, table, out, top=top)
@@ -139,7 +149,7 @@ def check_features_match(path, index, backbone: str, *, weights=None, weights_co
     identity = backbone_identity(model)
     expected = {"backbone": identity["backbone"], "weights": identity["weights"],
                 "model_kwargs": identity["model_kwargs"], "data_config": data_config}
-    differ = [key for key, value in expected.items() if _json_equal(metadata.get(key), value) is False]
+    differ = [key for key, value in expected.items() if not _json_equal(metadata.get(key), value)]
     if identity["weights"] == "random-init":
         differ.append("weights (random-init: two random backbones are never the same)")
     if differ:
@@ -152,27 +162,38 @@ def check_features_match(path, index, backbone: str, *, weights=None, weights_co
                                f"than {index.root}; drop --features to extract afresh, or re-run `transferkit extract`")
 
 
-def _json_equal(a, b) -> bool:
-    import json
+def _json_equal(stored, value) -> bool:
+    """``value`` as it would read back from a features file's JSON metadata (tuples as lists) equals ``stored``."""
+    return json.dumps(stored, sort_keys=True) == json.dumps(json.loads(json.dumps(value)), sort_keys=True)
 
-    return json.dumps(a, sort_keys=True) == json.dumps(json.loads(json.dumps(b)), sort_keys=True)
 
+def analyse_features(table, metadata, index, *, signatures: np.ndarray | None = None,
+                     threshold: float = DEFAULT_THRESHOLD, pixel_threshold: float = DEFAULT_PIXEL_THRESHOLD,
+                     folds: int = DEFAULT_FOLDS, seed: int = 0) -> AuditReport:
+    """The audit proper on ``read_features`` output whose rows are ``index``'s images (no file I/O).
 
-def analyse_features(table, metadata, index, *, threshold: float = DEFAULT_THRESHOLD, folds: int = DEFAULT_FOLDS,
-                     seed: int = 0) -> AuditReport:
-    """The audit proper on ``read_features`` output whose rows are ``index``'s images (no file I/O)."""
+    ``signatures`` (:func:`~transferkit.features.neighbours.thumbnail_signatures` of the same rows) add the
+    pairs whose thumbnails correlate at ``pixel_threshold`` or more to the embedding pairs.
+    """
     from transferkit.features.label_issues import outlier_cutoff, outlier_scores
-    from transferkit.features.neighbours import duplicate_groups, nearest_neighbours
+    from transferkit.features.neighbours import centred_unit, duplicate_groups, nearest_neighbours
 
     report = AuditReport(str(index.root), index.fingerprint(), metadata["backbone"], metadata["weights"], "",
-                         list(metadata["class_names"]), len(table), float(threshold))
+                         list(metadata["class_names"]), len(table), float(threshold), float(pixel_threshold))
     neighbours = nearest_neighbours(table.vectors, k=OUTLIER_NEIGHBOURS, threshold=threshold)
-    for group in duplicate_groups(len(table), neighbours.pairs, neighbours.pair_similarities):
+    pairs = neighbours.pairs
+    if signatures is not None:
+        by_pixels = nearest_neighbours(signatures, k=0, threshold=pixel_threshold, centre=False).pairs
+        pairs = np.unique(np.concatenate([pairs, by_pixels]), axis=0)
+    unit = centred_unit(table.vectors)
+    similarities = np.einsum("ij,ij->i", unit[pairs[:, 0]], unit[pairs[:, 1]])
+    for group in duplicate_groups(len(table), pairs, similarities):
         members = group.pop("members")
+        pixels = {} if signatures is None else {"max_pixel_similarity": _max_offdiagonal(signatures[members])}
         report.near_duplicates.append({
             "leakage": len(set(table.splits[members])) > 1,
             "conflict": len(set(table.label_index[members])) > 1,
-            **{k: round(v, 4) for k, v in group.items()},
+            **{k: round(v, 4) for k, v in {**group, **pixels}.items()},
             "files": [_file(table, i) for i in members],
         })
     report.near_duplicates.sort(key=lambda g: (not g["leakage"], not g["conflict"]))  # stable: size order kept
@@ -184,6 +205,12 @@ def analyse_features(table, metadata, index, *, threshold: float = DEFAULT_THRES
         report.outliers = [{**_file(table, i), "score": round(float(scores[i]), 4)}
                            for i in flagged[np.argsort(-scores[flagged], kind="stable")]]
     return report
+
+
+def _max_offdiagonal(rows: np.ndarray) -> float:
+    similarities = rows @ rows.T
+    np.fill_diagonal(similarities, -np.inf)
+    return float(similarities.max())
 
 
 def _file(table, i: int) -> dict:
@@ -288,7 +315,7 @@ def write_clean_csv(report: AuditReport, index, target: str | os.PathLike, *, re
     return target
 
 
-def _check_clean_target(target, data) -> Path:
+def _check_clean_target(target) -> Path:
     target = Path(target)
     if target.suffix.lower() != ".csv":
         raise TransferkitError(f"--write-clean {target} must end in .csv (path,label,split, as `finetune --data` reads)")
@@ -302,6 +329,7 @@ def _track(report: AuditReport, index, out: Path, *, tracking_uri, experiment) -
     from transferkit.tracking.runs import default_experiment_name, default_run_name, run_tags, start_run
 
     params = {"backbone": report.backbone, "weights": report.weights, "threshold": report.threshold,
+              "pixel_threshold": report.pixel_threshold,
               "images": report.images, **{f"label_check.{k}": v for k, v in report.label_check.items()
                                           if k != "out_of_fold_accuracy"}}
     with start_run("data audit", tracking_uri=tracking_uri,
