@@ -254,7 +254,7 @@ def write_outputs(report: AuditReport, table, out: Path, *, top: int = DEFAULT_T
                                                 marks, out / "embedding_map.png")}
     sections = {
         "label issues (given → suggested, score)": [
-            {"path": root / s["path"], "caption": f"{s['label']} → {s['suggested']} ({s['score']:.2f})"}
+            {"path": root / s["path"], "caption": f"{s['label']} → {s['suggested']} ({s['score']:.3f})"}
             for s in report.label_issues[:top]],
         "near-duplicates (group, split/label, similarity)": [
             {"path": root / f["path"], "caption": f"#{g_i} {f['split']}/{f['label']} ({g['max_similarity']:.3f})"}
