@@ -42,7 +42,7 @@ def run_transferkit(strategy: str, args, out: Path) -> dict:
     result = finetune(config, progress=False)
     total = time.perf_counter() - started
     epoch_seconds = [r["epoch_seconds"] for r in result.history]
-    return {"acc": [r["val_acc"] for r in result.history], "epoch_s": epoch_seconds, "total_s": total}
+    return {"acc": [r["val_accuracy"] for r in result.history], "epoch_s": epoch_seconds, "total_s": total}
 
 
 def run_peer(args) -> dict:

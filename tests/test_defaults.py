@@ -96,7 +96,7 @@ def test_lp_ft_fits_the_head_on_features_from_one_backbone_pass(tiny_data, tiny_
     monkeypatch.setattr(head_phase, "fit_head_on_features", lambda *a, **k: fits.append(fit(*a, **k)) or fits[-1])
     result = finetune(config_for(tiny_data, tiny_weights, tmp_path, epochs=1), progress=False)
     assert sum(batches) == 16 + 8  # every train and val image through the backbone exactly once
-    assert fits[0].epochs > 1 and fits[0].val_acc > 0  # many head epochs on those vectors
+    assert fits[0].epochs > 1 and fits[0].val_accuracy > 0  # many head epochs on those vectors
     assert [r["epoch"] for r in result.history] == [1]  # costing none of the epoch budget
     # calibration (on by default) lands in the best checkpoint, the run's result and the predictor
     from transferkit.models.predictors import load_predictor

@@ -38,13 +38,13 @@ def test_evaluate_cli_numbers_equal_sklearn(runner, tiny_classifier, tiny_data, 
     probs = _probabilities(rows)
     y_true = np.array([0 if "/cat/" in row["path"] else 1 for row in rows])
     y_pred = probs.argmax(1)
-    assert report["split"] == "val" and report["n"] == 8
-    assert report["accuracy"] == pytest.approx(metrics.accuracy_score(y_true, y_pred))
-    assert report["balanced_accuracy"] == pytest.approx(metrics.balanced_accuracy_score(y_true, y_pred))
-    assert report["macro_f1"] == pytest.approx(metrics.f1_score(y_true, y_pred, average="macro"))
+    assert report["split"] == "val" and report["val_n"] == 8
+    assert report["val_accuracy"] == pytest.approx(metrics.accuracy_score(y_true, y_pred))
+    assert report["val_balanced_accuracy"] == pytest.approx(metrics.balanced_accuracy_score(y_true, y_pred))
+    assert report["val_macro_f1"] == pytest.approx(metrics.f1_score(y_true, y_pred, average="macro"))
     assert report["confusion_matrix"] == metrics.confusion_matrix(y_true, y_pred).tolist()
     assert report["per_class"]["dog"]["support"] == 4
-    assert report["accuracy"] > 0.5  # the tiny model learnt the colours
+    assert report["val_accuracy"] > 0.5  # the tiny model learnt the colours
     assert sorted(p.name for p in out.iterdir()) == [
         "confusion_matrix.png", "confusion_matrix_normalized.png", "errors.png", "metrics.json",
         "predictions.csv", "reliability.png"]
@@ -53,11 +53,11 @@ def test_evaluate_cli_numbers_equal_sklearn(runner, tiny_classifier, tiny_data, 
             assert img.format == "PNG"
     written = pd.read_csv(out / "predictions.csv")
     assert len(written) == 8 and set(written.columns) >= {"path", "true", "pred", "prob", "prob_cat", "prob_dog"}
-    assert json.loads((out / "metrics.json").read_text())["macro_f1"] == report["macro_f1"]
+    assert json.loads((out / "metrics.json").read_text())["val_macro_f1"] == report["val_macro_f1"]
 
 
-def test_evaluate_mlflow_model_uri_and_tracking(runner, tiny_classifier, tiny_data, tmp_path, monkeypatch):
-    """A runs:/ model URI evaluates like its folder, and the evaluation is logged as its own MLflow run."""
+def test_evaluate_mlflow_model_uri_logs_to_the_model_run(runner, tiny_classifier, tiny_data, tmp_path, monkeypatch):
+    """A runs:/ model URI evaluates like its folder, and the scores land on the run that logged the model."""
     from mlflow import MlflowClient
 
     from transferkit.tracking.runs import start_run
@@ -70,16 +70,32 @@ def test_evaluate_mlflow_model_uri_and_tracking(runner, tiny_classifier, tiny_da
     result = runner.invoke(main, ["evaluate", "--model", model_uri, "--data", str(tiny_data), "--split", "val",
                                   "--workers", "0"])
     assert result.exit_code == 0, result.output
-    assert "precision" in result.output and "accuracy:" in result.output
-    run_id = result.output.strip().splitlines()[-1].split()[-1]
-    run = MlflowClient(uri).get_run(run_id)
+    assert "precision" in result.output and "val_accuracy:" in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"val_* metrics logged to MLflow run {tracker.run_id} (the run that trained the model)")
+    run = MlflowClient(uri).get_run(tracker.run_id)
     local = evaluate(tiny_classifier, tiny_data, split="val", track=False, workers=0)
-    assert run.data.metrics["val_accuracy"] == pytest.approx(local["accuracy"])
-    assert run.data.metrics["val_macro_f1"] == pytest.approx(local["macro_f1"])
-    assert run.data.tags["command"] == "evaluate" and run.data.params["split"] == "val"
-    assert MlflowClient(uri).get_experiment(run.info.experiment_id).name == tiny_data.name  # beside its training runs
-    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run_id, "val")}
+    assert run.data.metrics["val_accuracy"] == pytest.approx(local["val_accuracy"])
+    assert run.data.metrics["val_macro_f1"] == pytest.approx(local["val_macro_f1"])
+    assert run.data.tags["command"] == "finetune" and run.info.status == "FINISHED"
+    assert run.data.tags["val_data"] == str(tiny_data)
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(tracker.run_id, "val")}
     assert {"val/confusion_matrix.png", "val/errors.png", "val/reliability.png"} <= artifacts
+
+
+def test_evaluate_of_an_untracked_model_is_a_run_naming_it(runner, tiny_classifier, tiny_data, tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = evaluate(tiny_classifier, tiny_data, split="val", workers=0, tracking_uri=uri)
+    assert result["mlflow_model_run"] is False
+    run = MlflowClient(uri).get_run(result["mlflow_run_id"])
+    assert run.info.run_name == f"evaluate-{tiny_classifier.name}-val"
+    assert run.data.tags["command"] == "evaluate" and run.data.params["split"] == "val"
+    assert run.data.tags["source_model"] == str(tiny_classifier)
+    assert run.data.metrics["val_accuracy"] == pytest.approx(result["val_accuracy"])
+    assert MlflowClient(uri).get_experiment(run.info.experiment_id).name == tiny_data.name  # beside its training runs
+    assert f"evaluate {tiny_classifier.name} on val" in run.data.tags["mlflow.note.content"]
 
 
 def test_svm_model_evaluates_and_predicts(runner, tiny_weights, tiny_data, tmp_path):
@@ -94,15 +110,15 @@ def test_svm_model_evaluates_and_predicts(runner, tiny_weights, tiny_data, tmp_p
     rows = predict(model, [tiny_data / "val"], topk=2, workers=0)
     y_pred = _probabilities(rows).argmax(1)
     y_true = np.array([0 if "/cat/" in row["path"] else 1 for row in rows])
-    assert report["accuracy"] == pytest.approx(metrics.accuracy_score(y_true, y_pred))
-    assert report["n"] == 8 and set(report["per_class"]) == {"cat", "dog"}
+    assert report["val_accuracy"] == pytest.approx(metrics.accuracy_score(y_true, y_pred))
+    assert report["val_n"] == 8 and set(report["per_class"]) == {"cat", "dog"}
 
 
 def test_evaluate_whole_folder_skips_unreadable_and_missing_split(tiny_classifier, tmp_path):
     data = make_dataset(tmp_path / "flat", classes=("dog", "cat"), per_class=3)
     (data / "cat" / "truncated.png").write_bytes(b"\x89PNG\r\n")
     result = evaluate(tiny_classifier, data, track=False, workers=0)
-    assert result["split"] == "all" and result["n"] == 6
+    assert result["split"] == "all" and result["all_n"] == 6
     assert [Path(s["path"]).name for s in result["skipped"]] == ["truncated.png"]
     with pytest.raises(TransferkitError, match="split 'test' not found .* it has: train"):
         evaluate(tiny_classifier, data, split="test", track=False, workers=0)

@@ -61,7 +61,7 @@ def test_every_strategy_trains_a_loadable_classifier(runner, tiny_data, tiny_wei
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "r"
     final = result.output.strip().splitlines()[-1]
-    assert final.startswith(f"run {run_dir}: best epoch ") and "val_acc" in final
+    assert final.startswith(f"run {run_dir}: best epoch ") and "val_accuracy" in final
     for name in ("config.yaml", "metrics.csv", "split.csv", "curves.png", "best.safetensors", "best.json",
                  "last.safetensors", "last.json", "resume.pt", "result.json"):
         assert (run_dir / name).is_file(), name
@@ -76,7 +76,7 @@ def test_every_strategy_trains_a_loadable_classifier(runner, tiny_data, tiny_wei
     val = sorted((tiny_data / "val").rglob("*.png"))
     probs = predictor.predict_proba([str(p) for p in val])
     truth = np.array([predictor.class_names.index(p.parent.name) for p in val])
-    assert (probs.argmax(1) == truth).mean() == pytest.approx(best["metrics"]["val_acc"])
+    assert (probs.argmax(1) == truth).mean() == pytest.approx(best["metrics"]["val_accuracy"])
     check_frozen_parts_unchanged(strategy, tiny_weights, run_dir / "last.safetensors")
 
 
@@ -147,7 +147,7 @@ def test_tracked_run_logs_metrics_per_epoch_artifacts_and_model(tiny_data, tiny_
     result = finetune(config, progress=False)
     run_id = json.loads((result.run_dir / "result.json").read_text())["mlflow_run_id"]
     client = mlflow.MlflowClient(tracking_uri=uri)
-    assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "epoch/val_accuracy")] == [1, 2]
     assert {"config.yaml", "metrics.csv", "curves.png"} <= {a.path for a in client.list_artifacts(run_id)}
     assert client.get_run(run_id).data.params["strategy"] == "linear-probe"
     assert result.model_uri == f"runs:/{run_id}/model"

@@ -57,7 +57,7 @@ def test_sweep_tracks_parent_and_children_and_ranks_them(env, data):
     assert sorted(result.ranking["backbone"]) == sorted(BACKBONES) and result.ranking["finetuned"].all()
     board = result.leaderboard
     assert len(board) == 2 and (board["state"] == "COMPLETE").all()
-    assert list(board["val_acc"]) == sorted(board["val_acc"], reverse=True)
+    assert list(board["val_accuracy"]) == sorted(board["val_accuracy"], reverse=True)
     client = MlflowClient(uri)
     parent = client.get_run(result.parent_run_id)
     children = client.search_runs([parent.info.experiment_id],
@@ -69,9 +69,9 @@ def test_sweep_tracks_parent_and_children_and_ranks_them(env, data):
         assert child.data.params["backbone"] == row.backbone
         assert child.data.params["epochs"] == "1" and child.data.params["strategy"] == "linear-probe"
     winner = result.winner
-    assert winner["val_acc"] == max(board["val_acc"])
+    assert winner["val_accuracy"] == max(board["val_accuracy"])
     assert parent.data.tags["winner_run_id"] == winner["mlflow_run_id"]
-    assert parent.data.metrics["val_acc"] == pytest.approx(winner["val_acc"])
+    assert parent.data.metrics["val_accuracy"] == pytest.approx(winner["val_accuracy"])
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"leaderboard.csv", "leaderboard.md", "ranking.csv", "sweep.png"} <= artifacts
     assert (result.folder / "leaderboard.md").read_text().count("\n| ") == 3

@@ -47,7 +47,7 @@ def test_disabled_tracker_does_nothing(tmp_path, monkeypatch):
         tracker.log_metrics({"loss": 1.0}, step=0)
         tracker.log_artifact(tmp_path / "missing.png")  # would raise if tracking were on
         tracker.log_dict({"a": 1}, "a.json")
-        tracker.log_evaluation({"accuracy": 1.0, "per_class": {}})
+        tracker.log_evaluation({"split": "val", "val_accuracy": 1.0, "per_class": {}})
         tracker.set_tags({"x": "y"})
     assert list(tmp_path.iterdir()) == []
 
@@ -79,7 +79,7 @@ def _git_recipe(folder):
 
 def test_run_params_metrics_artifacts_round_trip(mlflow_server, tiny_data, tmp_path):
     from transferkit.data import discover
-    from transferkit.reports.metrics import classification_metrics
+    from transferkit.reports.metrics import classification_metrics, split_scores
 
     recipe, head = _git_recipe(tmp_path / "recipes")
     classes = [f"class_{i:04d}" for i in range(1000)]  # as JSON: far over MLflow's 6000-character limit
@@ -104,7 +104,7 @@ def test_run_params_metrics_artifacts_round_trip(mlflow_server, tiny_data, tmp_p
         tracker.log_artifact(plots, "plots")
         tracker.log_dict({"resolved": True}, "recipe.yaml")
         tracker.log_dataset(discover(tiny_data))
-        tracker.log_evaluation(metrics, prefix="val", artifacts_dir=plots)
+        tracker.log_evaluation(split_scores("val", metrics), artifacts_dir=plots)
 
     client = MlflowClient(mlflow_server.url)
     run = client.get_run(tracker.run_id)
@@ -170,3 +170,45 @@ def test_missing_artifact_is_a_one_line_error(mlflow_server, tmp_path):
     with start_run("evaluate", tracking_uri=mlflow_server.url, system_metrics=False) as tracker:
         with pytest.raises(TransferkitError, match="does not exist"):
             tracker.log_artifact(tmp_path / "nope.png")
+
+
+def test_per_class_metric_keys_are_valid_unique_and_recorded(mlflow_server, tmp_path):
+    from mlflow.utils.validation import _validate_metric_name
+
+    from transferkit.reports.metrics import classification_metrics, split_scores
+    from transferkit.tracking.summary import CLASS_KEYS_ARTIFACT, class_metric_keys
+
+    names = ["dirt road", "café", "a/b", "a_b", "..", "日本", "x:y?"]
+    keys = class_metric_keys(names)
+    assert keys == {"dirt road": "dirt_road", "café": "café", "a/b": "a_b", "a_b": "a_b_2", "..": "class_4",
+                    "日本": "日本", "x:y?": "x_y"}
+    y_true = np.arange(len(names))
+    probs = np.eye(len(names))[[1, 1, 2, 3, 4, 5, 6]]
+    scores = split_scores("test", classification_metrics(y_true, probs, names))
+    with start_run("evaluate", tracking_uri=mlflow_server.url, experiment="unicode", system_metrics=False) as tracker:
+        tracker.log_evaluation(scores)
+    client = MlflowClient(mlflow_server.url)
+    logged = client.get_run(tracker.run_id).data.metrics
+    for key in keys.values():
+        _validate_metric_name(f"test_recall/{key}")
+        assert " " not in key and ":" not in key
+    assert logged["test_recall/dirt_road"] == 0.0 and logged["test_recall/café"] == 1.0
+    assert logged["test_precision/café"] == 0.5 and logged["test_f1/日本"] == 1.0
+    assert logged["test_accuracy"] == pytest.approx(6 / 7)
+    recorded = json.loads(open(client.download_artifacts(tracker.run_id, CLASS_KEYS_ARTIFACT, str(tmp_path))).read())
+    assert recorded == keys
+
+
+def test_description_lists_evaluations_once_per_split():
+    from transferkit.tracking.summary import evaluation_line, run_description, with_evaluation
+
+    note = run_description("resnet · full on roads", ["data: 10 images"], {"val_accuracy": 0.5, "best_epoch": 2})
+    assert note.splitlines()[:3] == ["**resnet · full on roads**", "", "- data: 10 images"]
+    assert "| `val_accuracy` | 0.5000 |" in note and "| `best_epoch` | 2 |" in note
+    first = evaluation_line({"split": "test", "test_n": 4, "test_accuracy": 0.5, "test_macro_f1": 0.4},
+                            data="/d", artifacts="test")
+    again = evaluation_line({"split": "test", "test_n": 4, "test_accuracy": 0.75, "test_macro_f1": 0.7}, tta="hflip")
+    updated = with_evaluation(with_evaluation(note, "test", first), "test", again)
+    assert updated.count("- **test**:") == 1 and updated.count("**Evaluations**") == 1
+    assert updated.rstrip().endswith("- **test**: 4 images, TTA hflip: `test_accuracy` 0.7500, `test_macro_f1` 0.7000")
+    assert "confusion matrix: `test/confusion_matrix.png`" in first

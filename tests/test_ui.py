@@ -58,7 +58,7 @@ def _chromium(url: str, profile, *, screenshot=None) -> str:
 @requires_chromium
 @pytest.mark.timeout(300)
 def test_reviewer_sees_run_metric_and_confusion_matrix(mlflow_server, tmp_path):
-    from transferkit.reports.metrics import classification_metrics
+    from transferkit.reports.metrics import classification_metrics, split_scores
     from transferkit.reports.plots import confusion_matrix_png
 
     metrics = classification_metrics(np.array([0, 0, 1, 1]), np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7]]),
@@ -70,7 +70,7 @@ def test_reviewer_sees_run_metric_and_confusion_matrix(mlflow_server, tmp_path):
                    system_metrics=False) as tracker:
         for epoch, loss in enumerate([0.8, 0.4]):
             tracker.log_metrics({"train_loss": loss}, step=epoch)
-        tracker.log_evaluation(metrics, prefix="val", artifacts_dir=plots)
+        tracker.log_evaluation(split_scores("val", metrics), artifacts_dir=plots)
     experiment_id = MlflowClient(mlflow_server.store_uri).get_run(tracker.run_id).info.experiment_id
     run_page = f"{mlflow_server.url}/#/experiments/{experiment_id}/runs/{tracker.run_id}"
 

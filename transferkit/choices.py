@@ -14,7 +14,7 @@ STRATEGIES = ("linear-probe", "full", "freeze-unfreeze", "discriminative", "part
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "plateau", "none")
 BALANCE = ("none", "weights", "sampler")
-MONITORS = ("val_loss", "val_acc", "val_macro_f1")
+MONITORS = ("val_loss", "val_accuracy", "val_macro_f1")
 AUG_PRESETS = ("none", "light", "medium", "heavy")  # or an albumentations YAML file
 
 # preprocessing and input pipeline

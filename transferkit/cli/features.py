@@ -104,23 +104,43 @@ def svm_cmd(features, backbone, data, head_model, cv, grid, jobs, out, track, tr
 
 
 def _track(result, feature_metadata, *, tracking_uri, experiment) -> None:
-    """The fitted head as an MLflow run: search space and choice, val/test metrics, the model itself."""
+    """The fitted head as an MLflow run: search space and choice, val/test metrics and confusion matrices,
+    a description, the model itself."""
+    import tempfile
+
+    from transferkit.reports.metrics import split_scores
+    from transferkit.reports.plots import confusion_matrix_png
     from transferkit.tracking.runs import default_experiment_name, default_run_name, run_tags, start_run
+    from transferkit.tracking.summary import evaluation_line, run_description
 
     dataset = feature_metadata["dataset"]
-    params = {"backbone": feature_metadata["backbone"], "weights": feature_metadata["weights"],
+    backbone, class_names = feature_metadata["backbone"], feature_metadata["class_names"]
+    params = {"backbone": backbone, "weights": feature_metadata["weights"],
               "pool": feature_metadata["pool"], "layer": feature_metadata["layer"], "tta": feature_metadata["tta"],
               "head_model": result.model, "cv_folds": result.cv_folds,
               **{f"head_{k}": v for k, v in result.best_params.items()}}
-    tags = run_tags(backbone=feature_metadata["backbone"], strategy=f"svm-{result.model}",
-                    dataset_fingerprint=dataset["fingerprint"])
+    tags = run_tags(backbone=backbone, strategy=f"svm-{result.model}", dataset_fingerprint=dataset["fingerprint"])
     with start_run("svm", tracking_uri=tracking_uri, experiment=experiment or default_experiment_name(dataset["root"]),
-                   run_name=default_run_name(feature_metadata["backbone"], f"svm-{result.model}"), tags=tags,
-                   params=params, system_metrics=False) as tracker:
+                   run_name=default_run_name(backbone, f"svm-{result.model}"), tags=tags,
+                   params=params, system_metrics=False) as tracker, tempfile.TemporaryDirectory() as tmp:
         tracker.log_metrics({"cv_accuracy": result.cv_accuracy})
+        lines, headline = [], {"cv_accuracy": result.cv_accuracy}
         for split, scores in result.metrics.items():
-            tracker.log_evaluation(scores, prefix=split)
+            plots = Path(tmp) / split
+            confusion_matrix_png(scores["confusion_matrix"], class_names, plots / "confusion_matrix.png", normalize=False)
+            confusion_matrix_png(scores["confusion_matrix"], class_names, plots / "confusion_matrix_normalized.png")
+            named = split_scores(split, scores)
+            tracker.log_evaluation(named, artifacts_dir=plots)
+            lines.append(evaluation_line(named, artifacts=split)[2:])
+            headline.update({k: named[k] for k in (f"{split}_accuracy", f"{split}_macro_f1")})
         uri = tracker.log_model(result.out / "model.safetensors")
+        chosen = ", ".join(f"{k}={v}" for k, v in result.best_params.items())
+        tracker.set_description(run_description(
+            f"{backbone} · svm-{result.model} on {Path(dataset['root']).name}",
+            [f"head: {result.model} ({chosen}), chosen by {result.cv_folds}-fold cross-validation on train",
+             f"features: `{feature_metadata['pool']}` pooling of frozen `{backbone}` on `{dataset['root']}`, "
+             f"{len(class_names)} classes", *lines, f"model: `{uri}`"],
+            headline))
     click.echo(f"MLflow run {tracker.run_id} (model {uri})")
 
 

@@ -23,7 +23,7 @@ def _names(text: str | None) -> list[str] | None:
 @click.option("--top-k", type=int, help="Backbones finetuned after the stage-1 ranking [default: 2].")
 @click.option("--trials", type=int, help="Optuna TPE trials in all (pruned by the median rule); default: grid.")
 @click.option("--metric", type=click.Choice(MONITORS),
-              help="What ranks the trials (of each trial's best checkpoint) [default: val_acc].")
+              help="What ranks the trials (of each trial's best checkpoint) [default: val_accuracy].")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/sweeps", show_default=True,
               help="Features, trial run folders and the leaderboard go to OUT/<study>/.")
 @click.option("--storage", help="Optuna storage URL shared by several processes, e.g. sqlite:///study.db "

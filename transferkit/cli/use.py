@@ -60,14 +60,15 @@ def evaluate(model_spec, data, split, tta, batch_size, device, workers, out, as_
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"split {result['split']} of {result['data']}: {result['n']} images, tta {result['tta']}\n")
+    click.echo(f"split {result['split']} of {result['data']}: {result[result['split'] + '_n']} images, tta {result['tta']}\n")
     click.echo(per_class_table(result).rstrip())
     if result["skipped"]:
         click.echo(f"\nskipped {len(result['skipped'])} unreadable images, e.g. {result['skipped'][0]['error']}", err=True)
     if out:
         click.echo(f"\nreport written to {out}")
     if result.get("mlflow_run_id"):
-        click.echo(f"MLflow run {result['mlflow_run_id']}")
+        owner = "the run that trained the model" if result["mlflow_model_run"] else "a new run"
+        click.echo(f"{result['split']}_* metrics logged to MLflow run {result['mlflow_run_id']} ({owner})")
 
 
 @main.command()

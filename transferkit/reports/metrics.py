@@ -3,11 +3,15 @@
 Every number comes from :mod:`sklearn.metrics` on ``y_pred = argmax(probs)``, so a user can reproduce it
 with sklearn on the same predictions. Expected calibration error (not in sklearn) uses the usual 15
 equal-width confidence bins (Guo et al., 2017).
+
+It also fixes the metric names (docs/ui.md, "Metric names"): one name per quantity, the same in
+``metrics.csv``, ``result.json``, ``evaluate --json`` and MLflow. A model's score on a split is
+``<split>_<metric>`` (``val_accuracy``, ``test_macro_f1``); per class, ``<split>_<stat>/<class>``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from sklearn import metrics
@@ -15,6 +19,16 @@ from sklearn import metrics
 from transferkit.errors import TransferkitError
 
 ECE_BINS = 15
+# metrics.csv columns, one row per epoch; MLflow logs them as the series ``epoch/<column>`` (step = epoch)
+EPOCH_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr",
+                 "epoch_seconds", "images_per_s")
+EPOCH_SERIES_PREFIX = "epoch/"
+# The epoch columns that describe the saved model rather than the epoch: a run's summary is the best
+# checkpoint's values of these, under the same names (plus ``best_epoch``).
+CHECKPOINT_COLUMNS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1")
+HEADLINE_METRIC = "val_accuracy"  # what a reviewer sorts runs by
+PER_CLASS_STATS = ("precision", "recall", "f1")
+_NOT_PREFIXED = ("per_class", "confusion_matrix", "confusion_matrix_normalized")
 
 
 def classification_metrics(y_true, probs, class_names: Sequence[str], topk: Sequence[int] = (1, 3)) -> dict:
@@ -55,6 +69,14 @@ def classification_metrics(y_true, probs, class_names: Sequence[str], topk: Sequ
         y_true, y_pred, labels=labels, normalize="true"
     ).tolist()
     return result
+
+
+def split_scores(split: str, metrics: Mapping) -> dict:
+    """:func:`classification_metrics` with its scalar names prefixed by ``split`` (``test_accuracy``, ``test_n``).
+
+    The per-class report and confusion matrices keep their names; the ``split`` key says which split they are.
+    """
+    return {"split": split, **{key if key in _NOT_PREFIXED else f"{split}_{key}": value for key, value in metrics.items()}}
 
 
 def top_k_accuracy(y_true, probs, k: int) -> float:

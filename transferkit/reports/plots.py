@@ -21,7 +21,7 @@ MAX_ANNOTATED_CLASSES = 30
 MARK_STYLES = (("x", "black"), ("o", "red"), ("^", "darkorange"), ("s", "purple"))
 CURVE_PANELS = (
     ("loss", ("train_loss", "val_loss")),
-    ("accuracy", ("train_acc", "val_acc", "val_macro_f1")),
+    ("accuracy", ("train_accuracy", "val_accuracy", "val_macro_f1")),
     ("learning rate", ("lr",)),
 )
 

@@ -26,7 +26,7 @@ from transferkit.sweep.space import build_space, check_metric, read_sweep_file
 from transferkit.sweep.study import SKIPPED, TrialRunner, open_storage, open_study, run_trials, trials_spent
 
 DEFAULT_TOP_K = 2
-DEFAULT_METRIC = "val_acc"
+DEFAULT_METRIC = "val_accuracy"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 
 __all__ = ["SweepResult", "sweep"]

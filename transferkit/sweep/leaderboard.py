@@ -9,7 +9,7 @@ import pandas as pd
 from transferkit.core.fileio import atomic_path
 from transferkit.sweep.study import DIRECTIONS, SKIPPED
 
-METRIC_KEYS = ("val_loss", "val_acc", "val_macro_f1")
+METRIC_KEYS = ("val_loss", "val_accuracy", "val_macro_f1")
 STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "FAIL": 3}
 
 

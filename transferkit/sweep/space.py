@@ -4,7 +4,7 @@ A sweep file (see ``recipes/sweeps/``) is a mapping::
 
     backbones: [tf_efficientnet_lite0, mobilenetv2_100]   # ranked in stage 1
     top_k: 2                                              # how many go on to stage 2
-    metric: val_acc                                       # what ranks the trials (val_loss, val_acc, val_macro_f1)
+    metric: val_accuracy                                  # what ranks: val_loss, val_accuracy or val_macro_f1
     trials: null                                          # null: grid over the choices; N: Optuna TPE, N trials
     fixed: {epochs: 3, batch_size: 32}                    # finetune keys every trial shares (a recipe)
     space:                                                # finetune keys searched

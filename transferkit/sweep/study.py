@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from transferkit.errors import TransferkitError
 from transferkit.sweep.space import SearchSpace
 
-DIRECTIONS = {"val_loss": "minimize", "val_acc": "maximize", "val_macro_f1": "maximize"}
+DIRECTIONS = {"val_loss": "minimize", "val_accuracy": "maximize", "val_macro_f1": "maximize"}
 HEARTBEAT_SECONDS = 30
 GRID_ATTR = "grid"  # user attr of an enqueued grid point (and study attr: the grid, set once it is enqueued)
 SPACE_ATTR = "space"

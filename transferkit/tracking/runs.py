@@ -35,6 +35,7 @@ MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (mlflow.utils.validati
 MAX_TAG_VALUE = 8000
 MAX_KEY = 250
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DIGEST_TAG = "model_sha256"
 _INVALID_KEY_CHARS = re.compile(r"[^\w./\- :]")
 
 
@@ -242,28 +243,54 @@ class Tracker:
         """Log a checkpoint as the run's pyfunc model (see :mod:`transferkit.tracking.pyfunc_model`); returns its URI.
 
         The URI is ``runs:/<run_id>/model``, which ``transferkit predict/evaluate`` and ``mlflow models
-        serve`` accept. ``register`` also registers the model under that name.
+        serve`` accept. ``register`` also registers the model under that name. The run is tagged with the
+        checkpoint's digest, so ``evaluate`` finds the run of a model wherever its file was copied to.
         """
         from transferkit.tracking.pyfunc_model import MODEL_ARTIFACT, log_model
 
         log_model(checkpoint_path, name=MODEL_ARTIFACT, register=register)
+        self.set_tags({MODEL_DIGEST_TAG: model_digest(checkpoint_path)})
         return f"runs:/{self.run_id}/{MODEL_ARTIFACT}"
 
     @_active
-    def log_evaluation(self, metrics: Mapping, prefix: str = "val", artifacts_dir: str | os.PathLike | None = None):
-        """Final metrics of an evaluation (from :func:`transferkit.reports.metrics.classification_metrics`).
+    def log_evaluation(self, scores: Mapping, artifacts_dir: str | os.PathLike | None = None,
+                       step: int | None = None) -> None:
+        """An evaluation (:func:`transferkit.reports.metrics.split_scores` form: ``val_accuracy``...) on the run.
 
-        Scalars become metrics ``<prefix>_<name>`` (``val_accuracy``, ``test_macro_f1``); the whole dict,
-        the per-class report (JSON and a readable table) go to ``<prefix>/`` in the run, with the files
-        of ``artifacts_dir`` (confusion matrix, error gallery, reliability plot) if given.
+        Scalars and per-class precision / recall / F1 become metrics (see
+        :func:`transferkit.tracking.summary.evaluation_metrics`; the class-name → key mapping goes to
+        ``class_metric_keys.json``); the whole dict and the per-class report (JSON and a readable table) go
+        to ``<split>/``, with the files of ``artifacts_dir`` (confusion matrix, error gallery, reliability
+        plot) if given. ``step``: the checkpoint's epoch, when the run has epochs.
         """
-        self.log_metrics({f"{prefix}_{k}": v for k, v in metrics.items() if _is_number(v)})
-        self.log_dict(dict(metrics), f"{prefix}/metrics.json")
-        if metrics.get("per_class"):
-            self.log_dict(metrics["per_class"], f"{prefix}/per_class.json")
-            self.log_text(per_class_table(metrics), f"{prefix}/per_class.txt")
+        from transferkit.tracking.summary import CLASS_KEYS_ARTIFACT, class_metric_keys, evaluation_metrics
+
+        split = scores["split"]
+        self.log_metrics(evaluation_metrics(scores), step=step)
+        self.log_dict(dict(scores), f"{split}/metrics.json")
+        if scores.get("per_class"):
+            self.log_dict(class_metric_keys(list(scores["per_class"])), CLASS_KEYS_ARTIFACT)
+            self.log_dict(scores["per_class"], f"{split}/per_class.json")
+            self.log_text(per_class_table(scores), f"{split}/per_class.txt")
         if artifacts_dir is not None:
-            self.log_artifact(artifacts_dir, prefix)
+            self.log_artifact(artifacts_dir, split)
+
+    @_active
+    def set_description(self, markdown: str) -> None:
+        """The run page's description (MLflow's note), e.g. from :func:`transferkit.tracking.summary.run_description`."""
+        from transferkit.tracking.summary import NOTE_TAG
+
+        self.set_tags({NOTE_TAG: markdown})
+
+    @_active
+    def add_evaluation_to_description(self, split: str, line: str) -> None:
+        """Add (or replace) the description's line for an evaluation of ``split``."""
+        import mlflow
+
+        from transferkit.tracking.summary import NOTE_TAG, with_evaluation
+
+        current = mlflow.get_run(self.run_id).data.tags.get(NOTE_TAG, "")
+        self.set_description(with_evaluation(current, split, line))
 
 
 def per_class_table(metrics: Mapping) -> str:
@@ -291,8 +318,13 @@ def start_run(command: str, *, enabled: bool = True, tracking_uri: str | None = 
     ``transferkit_version`` are always set. ``system_metrics`` samples CPU/RAM (and GPU when
     ``nvidia-ml-py`` is installed) in the background. An exception inside the block marks the run
     FAILED (KILLED for Ctrl-C) and is re-raised. Opened while another run is active (a sweep's parent), the
-    run is its nested child. ``run_id`` continues that existing run instead of starting a new one (several
-    processes of one sweep share its parent run).
+    run is its nested child.
+
+    ``run_id`` reopens that existing run instead of starting a new one. Reopened by the command that created
+    it (several processes of one sweep share its parent run), it is that command's run as above. Reopened by
+    another command (``evaluate`` adding a test score to the run that trained the model), it is visited:
+    its name, experiment, ``command`` tag and params stay, ``tags`` are added, and an exception leaves its
+    status as it was, since the run's own work did not fail.
     """
     if not enabled:
         yield Tracker(None)
@@ -303,13 +335,15 @@ def start_run(command: str, *, enabled: bool = True, tracking_uri: str | None = 
     _check_reachable(uri)
     with _tracking_uri_in_use(uri):
         try:
+            owner = mlflow.MlflowClient().get_run(run_id) if run_id else None
+            visiting = owner is not None and owner.data.tags.get("command") != command
             run = mlflow.start_run(
                 run_id=run_id,
                 experiment_id=_experiment_id(uri, experiment) if experiment and not run_id else None,
                 run_name=None if run_id else run_name or f"{command}-{time.strftime('%Y%m%d-%H%M%S')}",
                 nested=mlflow.active_run() is not None,
-                tags={"command": command, "transferkit_version": __version__},
-                log_system_metrics=system_metrics,
+                tags=None if visiting else {"command": command, "transferkit_version": __version__},
+                log_system_metrics=system_metrics and not visiting,
             )
         except mlflow.exceptions.MlflowException as exc:
             raise TransferkitError(f"cannot start an MLflow run in {uri}: {str(exc).splitlines()[0]}; "
@@ -323,10 +357,44 @@ def start_run(command: str, *, enabled: bool = True, tracking_uri: str | None = 
             try:
                 yield tracker
             except BaseException as exc:
+                if visiting:
+                    mlflow.end_run(owner.info.status)
+                    raise
                 tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"})
                 if isinstance(exc, KeyboardInterrupt):
                     mlflow.end_run("KILLED")
                 raise
+
+
+def model_digest(checkpoint: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint file (``find_checkpoint`` resolves folders): the model's identity across copies."""
+    import hashlib
+
+    from transferkit.models.saved_model import find_checkpoint
+
+    digest = hashlib.sha256()
+    with open(find_checkpoint(checkpoint), "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_model_run(digest: str, tracking_uri: str | None = None):
+    """The latest MLflow run (``mlflow.entities.Run``) in the store that logged the model whose checkpoint has
+    digest ``digest`` (see :meth:`Tracker.log_model`), or None."""
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    _check_reachable(uri)
+    if sqlite_path(uri) is not None and not sqlite_path(uri).exists():
+        return None  # no store yet: nothing to find, and MLflow would create one just to look
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return None
+    runs = client.search_runs(experiments, filter_string=f"tags.{MODEL_DIGEST_TAG} = '{digest}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
 
 
 def _check_reachable(tracking_uri: str) -> None:

@@ -47,14 +47,14 @@ from transferkit.data.dataset import make_loader
 from transferkit.errors import TransferkitError
 from transferkit.models.backbones import load_backbone
 from transferkit.models.saved_model import checkpoint_metadata, read_checkpoint_metadata, save_checkpoint
+from transferkit.reports.metrics import CHECKPOINT_COLUMNS, EPOCH_COLUMNS, EPOCH_SERIES_PREFIX
 from transferkit.train import loaders, resume_state
 from transferkit.train.config import TrainConfig
 from transferkit.train.lr_finder import LRFinding
 from transferkit.train.optim import Schedule, build_optimizer
 from transferkit.train.strategies import Phase, apply_trainable, phase_at, phases, reset_head, set_train_mode
 
-METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr",
-                  "epoch_seconds", "images_per_s")
+METRIC_COLUMNS = EPOCH_COLUMNS  # metrics.csv header; names fixed in transferkit.reports.metrics
 TIMING_COLUMNS = ("epoch_seconds", "images_per_s")
 # A val loss counts as progress (new best, early-stopping patience reset) only if it beats the best by this
 # fraction: torch's ReduceLROnPlateau default, so the plateau schedule and early stopping agree on a stall.
@@ -72,7 +72,7 @@ class RunResult:
 
     def summary(self) -> str:
         return (f"run {self.run_dir}: best epoch {self.best_epoch}, val_loss {self.best['val_loss']:.4f}, "
-                f"val_acc {self.best['val_acc']:.4f}, val_macro_f1 {self.best['val_macro_f1']:.4f}")
+                f"val_accuracy {self.best['val_accuracy']:.4f}, val_macro_f1 {self.best['val_macro_f1']:.4f}")
 
 
 def find_lr(config: TrainConfig, *, plot: str | os.PathLike | None = None, progress: bool = True):
@@ -126,6 +126,7 @@ class _Run:
         self.phases = phases(config)
         self.history: list[dict] = []
         self.best: dict | None = None
+        self.summary_epoch: int | None = None  # the epoch whose summary metrics this MLflow run holds
         self.best_extra: dict = {}  # metadata of the best checkpoint beyond its epoch row (calibration, weights)
         self.bad_epochs = 0
 
@@ -359,7 +360,7 @@ class _Run:
         self.head_features = None
         self._say(fit.summary())
         self.tracker.log_metrics({"head_fit_epochs": fit.epochs, "head_fit_val_loss": fit.val_loss,
-                                  "head_fit_val_acc": fit.val_acc, "head_fit_seconds": fit.seconds})
+                                  "head_fit_val_accuracy": fit.val_accuracy, "head_fit_seconds": fit.seconds})
 
     def _auto_lr(self) -> None:
         """``lr: auto``: the LR range test picks ``lr``, which the saved config then holds (so resume reuses it)."""
@@ -458,11 +459,11 @@ class _Run:
     def _epoch(self, epoch: int, phase: Phase) -> dict:
         lr = max(group["lr"] for group in self.optimizer.param_groups)
         started = time.perf_counter()
-        train_loss, train_acc, seen = self._train_epoch(epoch, phase)
+        train_loss, train_accuracy, seen = self._train_epoch(epoch, phase)
         seconds = time.perf_counter() - started
         val = self._evaluate()
         self.schedule.after_epoch(val["val_loss"])  # the schedule follows the weights that train
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, **val, "lr": lr,
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_accuracy, **val, "lr": lr,
                "epoch_seconds": round(seconds, 3), "images_per_s": round(seen / seconds, 1)}
         if self.ema is not None:  # the epoch's val scores are those of the better of raw and averaged weights
             averaged = self._evaluate(self.ema.module)
@@ -525,7 +526,7 @@ class _Run:
 
         labels, logits = self._val_logits(module or self.forward)
         metrics = classification_metrics(labels.numpy(), logits.softmax(1).numpy(), self.classes, topk=(1,))
-        return {"val_loss": F.cross_entropy(logits, labels).item(), "val_acc": metrics["accuracy"],
+        return {"val_loss": F.cross_entropy(logits, labels).item(), "val_accuracy": metrics["accuracy"],
                 "val_macro_f1": metrics["macro_f1"]}
 
     @torch.inference_mode()
@@ -570,7 +571,7 @@ class _Run:
                 model = self.ema.full_model(self.model) if self.best_extra.get("weights") == "ema" else None
                 self._save_model("best", self.best, model, **self.best_extra)
             self._write_metrics()
-            self.tracker.log_metrics({k: v for k, v in self.history[-1].items() if k != "epoch"}, step=epoch + 1)
+            self._log_epoch(improved)
             resume_state.save_state(self.run_dir, {
                 "epoch": epoch, "phase": phase.index,
                 "identity": {"backbone": self.config.backbone, "class_names": list(self.classes)},
@@ -597,6 +598,23 @@ class _Run:
             self.tracker.log_metrics(fit.metrics())
         self._say(fit.summary())
 
+    def _log_epoch(self, improved: bool) -> None:
+        """The epoch's row as the ``epoch/`` series and, when it is the new best, as the run's summary.
+
+        Logged at step = epoch, the summary's latest value (what the runs table shows and sorts by) is always
+        the best checkpoint's, also while training runs and in a run that crashed.
+        """
+        row = self.history[-1]
+        self.tracker.log_metrics({EPOCH_SERIES_PREFIX + k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        if improved:
+            self._log_summary()
+
+    def _log_summary(self) -> None:
+        """The best checkpoint's columns under their own names, plus ``best_epoch``, at step = its epoch."""
+        epoch = self.best["epoch"]
+        self.tracker.log_metrics({**{k: self.best[k] for k in CHECKPOINT_COLUMNS}, "best_epoch": epoch}, step=epoch)
+        self.summary_epoch = epoch
+
     def _finish(self, stopped_early: bool) -> str | None:
         if not distributed.is_main():
             return None
@@ -605,22 +623,52 @@ class _Run:
         curves = training_curves_png(self.history, self.run_dir / "curves.png")
         for path in (self.run_dir / "config.yaml", self.run_dir / "metrics.csv", curves):
             self.tracker.log_artifact(path)
-        self._write_review()
+        review = self._write_review()
+        best_epoch = self.best["epoch"]
+        if self.summary_epoch != best_epoch:  # a resumed run logs to a new MLflow run that missed its best epoch
+            self._log_summary()
+        self.tracker.log_metrics({"epochs_run": len(self.history)}, step=best_epoch)
         model_uri = self.tracker.log_model(self.run_dir / "best.safetensors", register=self.config.register)
+        summary = {"best_epoch": best_epoch, "epochs_run": len(self.history),
+                   **{k: self.best[k] for k in CHECKPOINT_COLUMNS},
+                   **{k: v for k, v in review.items() if k.startswith("val_") and k not in CHECKPOINT_COLUMNS
+                      and not isinstance(v, (dict, list))}}
+        self.tracker.set_description(self._description(summary, stopped_early, model_uri))
         write_json(self.run_dir / resume_state.COMPLETE_FILE, {
-            "best_epoch": self.best["epoch"], "best": self.best, "epochs_run": len(self.history),
-            "stopped_early": stopped_early, "mlflow_run_id": self.tracker.run_id, "model_uri": model_uri,
-            **self.best_extra,
+            **summary, "stopped_early": stopped_early, "best": self.best, "mlflow_run_id": self.tracker.run_id,
+            "model_uri": model_uri, **self.best_extra,
         })
         return model_uri
+
+    def _description(self, summary: dict, stopped_early: bool, model_uri: str | None) -> str:
+        """The run page's markdown: what was trained on what, which epoch was kept, its scores, where to look."""
+        from transferkit.tracking.summary import run_description
+
+        config, counts = self.config, self.index.counts()
+        n_train, n_val = (sum(counts.get(split, {}).values()) for split in ("train", "val"))
+        stop = f", stopped early (no `{config.monitor}` progress)" if stopped_early else ""
+        facts = [
+            f"data: `{self.index.root}`: {n_train} train / {n_val} val images, {len(self.classes)} classes "
+            f"(fingerprint `{self.fingerprint[:12]}`)",
+            f"best checkpoint (by `{config.monitor}`): epoch {summary['best_epoch']} of {summary['epochs_run']}{stop}",
+            "confusion matrix: artifacts `val/confusion_matrix.png` and `val/confusion_matrix_normalized.png`; "
+            "per class: `val/per_class.txt`; worst errors: `val/errors.png`",
+        ]
+        if model_uri:
+            facts.append(f"model: `{model_uri}`" + (f", registered as `{config.register}`" if config.register else ""))
+        headline = ("val_accuracy", "val_macro_f1", "val_loss", "val_ece", "train_loss")
+        return run_description(f"{config.backbone} · {config.strategy} on {Path(self.index.root).name}", facts,
+                               {k: summary[k] for k in headline if k in summary})
 
     def _log_data(self) -> None:
         """The data a run saw, as MLflow inputs and params, so runs are compared on it in the UI alone."""
         self.tracker.log_dataset(self.index, context="training")
+        self.tracker.set_description(f"**{self.config.backbone} · {self.config.strategy} on "
+                                     f"{Path(self.index.root).name}**: training (summary when the run ends)\n")
         self.tracker.log_params({"data_config": self.data_config, "classes": self.classes,
                                  "counts": self.index.counts()})
 
-    def _write_review(self) -> None:
+    def _write_review(self) -> dict:
         """What a reviewer judges the run by, in the run folder and in MLflow: the best checkpoint's report on
         the val split it trained with (``val/``), the augmentation preview and the dataset check."""
         from transferkit.data.augment import preview_grid
@@ -636,17 +684,18 @@ class _Run:
             np.array([s.label for s in val], dtype=np.int64), split="val", folder=folder,
             info={"model": str(self.run_dir / "best.safetensors"), "best_epoch": self.best["epoch"]},
             batch_size=config.batch_size, workers=config.workers)
-        # val_loss/val_acc/val_macro_f1 are per-epoch series; the best epoch already holds these values there
-        self.tracker.log_evaluation({k: v for k, v in report.items() if f"val_{k}" not in METRIC_COLUMNS},
-                                    prefix="val", artifacts_dir=folder)
+        # val_accuracy/val_macro_f1 were logged with the best epoch; logged again they would be a second point
+        self.tracker.log_evaluation({k: v for k, v in report.items() if k not in CHECKPOINT_COLUMNS},
+                                    artifacts_dir=folder, step=self.best["epoch"])
         preview = preview_grid(self.index, config.aug, self.data_config, n=16, seed=config.seed,
                                out=self.run_dir / "augment_preview.png", resize_mode=config.resize_mode)
         check = check_dataset(self.index, min_side=min(self.data_config["input_size"][1:]))
         write_json(self.run_dir / "data_check.json", check.to_dict())
         for path in (preview, self.run_dir / "data_check.json"):
             self.tracker.log_artifact(path)
-        self._say(f"val report of the best epoch ({self.best['epoch']}): accuracy {report['accuracy']:.4f}, "
-                  f"macro-F1 {report['macro_f1']:.4f}, in {folder}")
+        self._say(f"val report of the best epoch ({self.best['epoch']}): accuracy {report['val_accuracy']:.4f}, "
+                  f"macro-F1 {report['val_macro_f1']:.4f}, in {folder}")
+        return report
 
     # ------------------------------------------------------------------ outputs
 
@@ -687,8 +736,9 @@ class _Run:
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
-    return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.3f}  "
-            f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}  val_macro_f1 {row['val_macro_f1']:.3f}  "
+    return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  "
+            f"train_accuracy {row['train_accuracy']:.3f}  val_loss {row['val_loss']:.4f}  "
+            f"val_accuracy {row['val_accuracy']:.3f}  val_macro_f1 {row['val_macro_f1']:.3f}  "
             f"lr {row['lr']:.2e}  {row['epoch_seconds']:.1f} s  {row['images_per_s']:.1f} img/s"
             + ("  (EMA weights)" if row.get("val_weights_ema") else ""))
 

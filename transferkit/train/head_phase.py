@@ -30,12 +30,12 @@ class HeadFit:
     epochs: int
     best_epoch: int
     val_loss: float
-    val_acc: float
+    val_accuracy: float
     seconds: float
 
     def summary(self) -> str:
         return (f"head fitted on cached features (LP-FT): {self.epochs} epochs in {self.seconds:.1f} s, best epoch "
-                f"{self.best_epoch}: val_loss {self.val_loss:.4f}, val_acc {self.val_acc:.3f}")
+                f"{self.best_epoch}: val_loss {self.val_loss:.4f}, val_accuracy {self.val_accuracy:.3f}")
 
 
 def fit_head_on_features(head: nn.Module, train: TensorDataset, val: TensorDataset, *, weight_decay: float,

@@ -8,6 +8,11 @@ A finetuned model remembers the split it trained with (``metadata['split']``: pa
 root, label, split). When the data on disk has no folder for the split asked for — a plain folder of class
 folders whose val split transferkit carved — that split is rebuilt from those records, so ``evaluate --split
 val`` scores exactly the images the run validated on.
+
+Metric names carry the split (``test_accuracy``, see :mod:`transferkit.reports.metrics`). With tracking on,
+the scores go to the MLflow run that trained the model (found by the checkpoint's digest, wherever the file
+was copied to), so the training run shows its test score in the runs table; a model from elsewhere gets a
+run of its own, tagged with the model it scored.
 """
 
 from __future__ import annotations
@@ -41,18 +46,21 @@ def evaluate(model_spec, data, split: str | None = None, tta: str = "none", batc
     from transferkit.core.runtime import select_device
     from transferkit.data import discover
     from transferkit.models.predictors import load_predictor
+    from transferkit.models.saved_model import find_checkpoint
     from transferkit.use.predict import check_tta
 
     check_tta(tta)
     index = discover(data, val_ratio=0, strict=False)
-    predictor = load_predictor(model_spec, select_device(device))
+    checkpoint = find_checkpoint(model_spec)  # an MLflow URI is downloaded once, here
+    predictor = load_predictor(checkpoint, select_device(device))
     split, samples = _select_split(index, split, predictor.metadata.get("split") or [])
     y_true = _model_labels(index, samples, predictor.class_names)
     with _output_folder(out, track) as folder:
         result = evaluate_samples(predictor, [s.path for s in samples], y_true, split=split, folder=folder,
                                   info={"model": str(model_spec), "data": str(data)}, tta=tta,
                                   batch_size=batch_size, workers=workers, topk=topk)
-        _track(result, folder, predictor, index, track=track, tracking_uri=tracking_uri, experiment=experiment)
+        if track:
+            _track(result, folder, predictor, index, checkpoint, tracking_uri=tracking_uri, experiment=experiment)
     return result
 
 
@@ -62,9 +70,10 @@ def evaluate_samples(predictor, paths: Sequence, y_true: np.ndarray, *, split: s
     """Score ``predictor`` on labelled ``paths`` (``y_true``: the model's class indices); report into ``folder``.
 
     The one scoring path of `transferkit evaluate` and of the val report a finetune ends with, so both give
-    the same numbers. The result is ``info`` + split, tta, the metrics and the ``skipped`` undecodable files.
+    the same numbers. The result is ``info`` + tta, the metrics named by split
+    (:func:`transferkit.reports.metrics.split_scores`) and the ``skipped`` undecodable files.
     """
-    from transferkit.reports.metrics import classification_metrics
+    from transferkit.reports.metrics import classification_metrics, split_scores
     from transferkit.use.predict import predict_paths
 
     probs, errors = predict_paths(predictor, paths, tta=tta, batch_size=batch_size, workers=workers)
@@ -73,9 +82,8 @@ def evaluate_samples(predictor, paths: Sequence, y_true: np.ndarray, *, split: s
         raise TransferkitError(f"none of the {len(paths)} images in split {split} could be decoded (e.g. {errors[0]})")
     result = {
         **(info or {}),
-        "split": split,
         "tta": tta,
-        **classification_metrics(y_true[ok], probs[ok], predictor.class_names, topk=topk),
+        **split_scores(split, classification_metrics(y_true[ok], probs[ok], predictor.class_names, topk=topk)),
         "skipped": [{"path": str(p), "error": e} for p, e in zip(paths, errors) if e],
     }
     if folder is not None:
@@ -153,18 +161,48 @@ def _output_folder(out, track: bool) -> Iterator[Path | None]:
         yield None
 
 
-def _track(result: dict, folder: Path | None, predictor, index, *, track: bool, tracking_uri, experiment) -> None:
-    if not track:
-        return
-    from transferkit.tracking.runs import default_experiment_name, start_run
+def _track(result: dict, folder: Path | None, predictor, index, checkpoint: Path, *, tracking_uri, experiment) -> None:
+    """Log to the run that trained the model when the store has it, else to a new run naming the model."""
+    from transferkit.tracking.runs import default_experiment_name, find_model_run, model_digest, start_run
+    from transferkit.tracking.summary import evaluation_line, run_description
 
-    meta = predictor.metadata
-    params = {
-        "model": result["model"], "backbone": meta.get("backbone"), "kind": meta.get("kind"),
-        "data": result["data"], "data_fingerprint": index.fingerprint(), "split": result["split"],
-        "tta": result["tta"], "n_images": result["n"], "n_skipped": len(result["skipped"]),
-    }
-    with start_run("evaluate", tracking_uri=tracking_uri, experiment=experiment or default_experiment_name(result["data"]),
-                   params=params, system_metrics=False) as tracker:
-        tracker.log_evaluation(result, prefix=result["split"], artifacts_dir=folder)
-        result["mlflow_run_id"] = tracker.run_id
+    split = result["split"]
+    digest = model_digest(checkpoint)
+    line = evaluation_line(result, data=result["data"], tta=result["tta"], artifacts=split if folder else None)
+    model_run = find_model_run(digest, tracking_uri)
+    if model_run is not None:  # scores at the run's summary step (its best epoch): what its columns show
+        tags = {f"{split}_data": result["data"], f"{split}_data_fingerprint": index.fingerprint(),
+                f"{split}_tta": result["tta"]}
+        with start_run("evaluate", tracking_uri=tracking_uri, run_id=model_run.info.run_id, tags=tags) as tracker:
+            tracker.log_evaluation(result, artifacts_dir=folder, step=int(model_run.data.metrics.get("best_epoch", 0)))
+            tracker.add_evaluation_to_description(split, line)
+    else:
+        meta = predictor.metadata
+        params = {
+            "model": result["model"], "backbone": meta.get("backbone"), "kind": meta.get("kind"),
+            "data": result["data"], "data_fingerprint": index.fingerprint(), "split": split,
+            "tta": result["tta"], "n_images": result[f"{split}_n"], "n_skipped": len(result["skipped"]),
+        }
+        source = _model_label(result["model"])
+        tags = {"source_model": result["model"], "source_model_sha256": digest, "backbone": meta.get("backbone"),
+                "source_run_id": _run_id_in_uri(result["model"])}
+        with start_run("evaluate", tracking_uri=tracking_uri, experiment=experiment or default_experiment_name(result["data"]),
+                       run_name=f"evaluate-{source}-{split}", tags=tags, params=params, system_metrics=False) as tracker:
+            tracker.log_evaluation(result, artifacts_dir=folder)
+            tracker.set_description(run_description(
+                f"evaluate {source} on {split}", [f"model: `{result['model']}` (not trained in this store)", line[2:]],
+                {k: result[k] for k in (f"{split}_accuracy", f"{split}_macro_f1", f"{split}_ece") if k in result}))
+    result["mlflow_run_id"] = tracker.run_id
+    result["mlflow_model_run"] = model_run is not None
+
+
+def _model_label(spec: str) -> str:
+    """A short name for a model: its run or model folder's name, or the MLflow URI."""
+    if "://" in spec or spec.startswith(("runs:/", "models:/")):
+        return spec
+    path = Path(spec)
+    return path.parent.name if path.suffix in (".safetensors", ".json") else path.name
+
+
+def _run_id_in_uri(spec: str) -> str | None:
+    return spec.split("/")[1] if spec.startswith("runs:/") else None
