@@ -12,9 +12,16 @@ saved as a transferkit checkpoint, then, against a local sqlite store in a temp 
 4. ``mlflow models serve --env-manager local`` on loopback: start-up time and request latency for 1 and
    16 base64 images (median of --requests).
 
+5. ``--overhead``: what tracking costs a real finetune on the roads frames. Every Tracker method that talks
+   to MLflow (and ``start_run``'s enter and exit) is timed while ``finetune`` trains; time spent during the
+   epochs is the per-epoch overhead, the rest (opening the run, params, dataset, val report, model) the
+   per-run overhead, set against the epoch's own wall time. Run it against an older checkout (its path
+   first on PYTHONPATH) for a before/after comparison; only the methods that checkout has are timed.
+
 The machine is shared: timings are the best of --rounds (medians for HTTP requests).
 
     .venv/bin/python bench/bench_tracking.py
+    .venv/bin/python bench/bench_tracking.py --overhead --epochs 3 --img-size 160
 """
 
 from __future__ import annotations
@@ -49,11 +56,110 @@ def post(url: str, payload: dict) -> float:
     return time.perf_counter() - start
 
 
+TIMED_METHODS = ("log_params", "log_metrics", "log_artifact", "log_dict", "log_text", "set_tags", "log_dataset",
+                 "log_model", "set_description", "log_evaluation")
+
+
+def tracking_overhead(args) -> None:
+    """A tracked finetune on the roads frames with every MLflow call timed (outermost call only)."""
+    import contextlib
+    import functools
+    import threading
+
+    import torch
+
+    from transferkit import __file__ as package_file
+    from transferkit.tracking import runs
+    from transferkit.train import engine, finetune
+    from transferkit.train.config import resolve_config
+
+    phase = {"now": "setup"}
+    spent: dict[tuple[str, str], float] = {}
+    depth = threading.local()
+
+    def timed(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            outer = not getattr(depth, "n", 0)
+            depth.n = getattr(depth, "n", 0) + 1
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                depth.n -= 1
+                if outer:
+                    key = (phase["now"], name)
+                    spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    for name in TIMED_METHODS:
+        if hasattr(runs.Tracker, name):
+            setattr(runs.Tracker, name, timed(name, getattr(runs.Tracker, name)))
+    original_start_run = runs.start_run
+
+    @contextlib.contextmanager
+    def start_run(*a, **k):
+        start = time.perf_counter()
+        with original_start_run(*a, **k) as tracker:
+            spent[("setup", "start_run")] = time.perf_counter() - start
+            yield tracker
+            start = time.perf_counter()
+        spent[("finish", "end_run")] = time.perf_counter() - start
+
+    runs.start_run = start_run
+    original_train, original_epoch = engine._Run._train, engine._Run._epoch
+    epoch_walls = []
+
+    def train(self):
+        phase["now"] = "epochs"
+        try:
+            return original_train(self)
+        finally:
+            phase["now"] = "finish"
+
+    def epoch(self, *a, **k):
+        start = time.perf_counter()
+        row = original_epoch(self, *a, **k)
+        epoch_walls.append(time.perf_counter() - start)
+        return row
+
+    engine._Run._train, engine._Run._epoch = train, epoch
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tracking-overhead-"))
+    torch.set_num_threads(args.threads)
+    config = resolve_config(None, {
+        "backbone": BACKBONE, "weights": str(WEIGHTS), "data": str(ROADS), "out": str(tmp / "runs"), "name": "r",
+        "strategy": "full", "epochs": args.epochs, "img_size": args.img_size, "batch_size": 16, "workers": 1,
+        "aug": "light", "early_stopping": 0, "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "seed": 0})
+    started = time.perf_counter()
+    result = finetune(config, progress=False)
+    total = time.perf_counter() - started
+    epochs = len(result.history)
+    per_epoch = sum(v for (p, _), v in spent.items() if p == "epochs") / epochs
+    per_run = sum(v for (p, _), v in spent.items() if p != "epochs")
+    epoch_wall = statistics.median(epoch_walls)
+    print(f"transferkit from {Path(package_file).parent}")
+    print(f"{BACKBONE} full finetune, roads ({len(result.history)} epochs, img {args.img_size}, batch 16, "
+          f"torch threads {args.threads}): run {total:.1f} s, median epoch (train + val) {epoch_wall:.1f} s")
+    for (where, name), seconds in sorted(spent.items()):
+        print(f"  {where:<7} {name:<16} {seconds * 1000:9.1f} ms")
+    print(f"tracking per epoch  {per_epoch * 1000:8.1f} ms = {100 * per_epoch / epoch_wall:.2f} % of an epoch")
+    print(f"tracking per run    {per_run:8.2f} s  = {100 * per_run / epoch_wall:.1f} % of one epoch, "
+          f"{100 * per_run / total:.1f} % of this run ({per_run - spent.get(('finish', 'log_model'), 0):.2f} s "
+          f"without log_model)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=10)
+    parser.add_argument("--overhead", action="store_true", help="Only measure tracking overhead in a real finetune.")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--img-size", type=int, default=160)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.overhead:
+        tracking_overhead(args)
+        return
 
     import mlflow
     import numpy as np
@@ -83,8 +189,8 @@ def main() -> None:
     print(f"start_run + end              {best_time(empty_run, args.rounds) * 1000:8.1f} ms")
     with start_run("bench", tracking_uri=uri, experiment="bench", system_metrics=False) as tracker:
         epoch = iter(range(10_000))
-        metrics = {k: 0.5 for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr",
-                                    "epoch_seconds", "images_per_s")}
+        metrics = {f"epoch/{k}": 0.5 for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                                               "val_macro_f1", "lr", "epoch_seconds", "images_per_s")}
         print(f"log_metrics (8, one epoch)   {best_time(lambda: tracker.log_metrics(metrics, step=next(epoch)), args.rounds) * 1000:8.1f} ms")
         counter = iter(range(10_000))
         print(f"log_params (60 keys)         "
