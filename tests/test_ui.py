@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -43,12 +44,12 @@ def test_ui_refuses_a_remote_tracking_server(runner):
     assert "already a server; open it in a browser" in result.output
 
 
-def _chromium(url: str, profile, *, screenshot=None) -> str:
+def _chromium(url: str, profile, *, screenshot=None, height: int = 1000) -> str:
     """Rendered DOM of ``url`` (a React page) after Chromium's virtual clock let it fetch and render."""
     command = [
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", "--window-size=1400,1000", "--virtual-time-budget=20000",
+        f"--user-data-dir={profile}", f"--window-size=1400,{height}", "--virtual-time-budget=20000",
     ]
     if screenshot:
         subprocess.run([*command, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
@@ -83,3 +84,76 @@ def test_reviewer_sees_run_metric_and_confusion_matrix(mlflow_server, tmp_path):
                          screenshot=tmp_path / "confusion.png")
     assert 'artifact-name="confusion_matrix.png"' in artifact
     assert re.search(r'<img alt="val/confusion_matrix.png" src="blob:', artifact)  # the PNG was fetched and shown
+
+
+def _row_order(dom: str) -> list[str]:
+    """Run ids of the runs table in display order (ag-grid rows carry their index and run id)."""
+    rows = dict(re.findall(r'row-index="(\d+)" row-id="([0-9a-f]{32})"', dom))
+    return [rows[index] for index in sorted(rows, key=int)]
+
+
+def _compare_row(dom: str, metric: str) -> list[str]:
+    """The values in the compare view's row for ``metric`` (its grid cells share the label's ``top``)."""
+    label = dom.index(f">{metric}<")
+    top = re.findall(r"top: (\d+)px", dom[:label])[-1]
+    cells = re.findall(rf'position: absolute; top: {top}px;[^>]*>(.*?)</div>', dom)
+    return [re.sub(r"<[^>]+>", "", cell) for cell in cells]
+
+
+@requires_chromium
+@pytest.mark.timeout(600)
+def test_runs_table_ranks_runs_by_their_best_checkpoints(mlflow_server, tiny_data, tiny_weights, tmp_path,
+                                                         monkeypatch):
+    """Three finetunes whose val scores (scripted) peak at different epochs: sorted by ``val_accuracy`` the
+    UI ranks them by their best checkpoints, which is not their last-epoch order."""
+
+    from transferkit.train import engine, finetune
+    from transferkit.train.config import resolve_config
+
+    curves = {"early-peak": [0.9, 0.5], "late-peak": [0.6, 0.8], "flat": [0.7, 0.7]}
+    scripted = iter([])
+    monkeypatch.setattr(engine._Run, "_evaluate",
+                        lambda self, module=None: {"val_loss": 1 - (acc := next(scripted)), "val_accuracy": acc,
+                                                   "val_macro_f1": acc})
+    ids = {}
+    for name, accuracies in curves.items():
+        scripted = iter(accuracies)
+        config = resolve_config(None, {
+            "backbone": "test_efficientnet", "weights": str(tiny_weights), "data": str(tiny_data),
+            "out": str(tmp_path / "runs"), "name": name, "workers": 0, "batch_size": 8, "epochs": 2, "img_size": 32,
+            "strategy": "linear-probe", "aug": "none", "tracking_uri": mlflow_server.store_uri, "experiment": "ranking"})
+        ids[name] = finetune(config, progress=False).model_uri.split("/")[1]
+    experiment_id = MlflowClient(mlflow_server.store_uri).get_experiment_by_name("ranking").experiment_id
+    runs_page = f"{mlflow_server.url}/#/experiments/{experiment_id}/runs"
+
+    by_best = _chromium(f"{runs_page}?orderByKey=metrics.%60val_accuracy%60&orderByAsc=false", tmp_path / "profile")
+    assert "Sort: val_accuracy" in by_best
+    assert _row_order(by_best) == [ids["early-peak"], ids["late-peak"], ids["flat"]]  # 0.9, 0.8, 0.7
+    by_last = _chromium(f"{runs_page}?orderByKey=metrics.%60epoch/val_accuracy%60&orderByAsc=false",
+                        tmp_path / "profile")
+    assert _row_order(by_last) == [ids["late-peak"], ids["flat"], ids["early-peak"]]  # 0.8, 0.7, 0.5
+
+
+
+@requires_chromium
+@pytest.mark.timeout(300)
+def test_compare_view_shows_per_class_metrics(mlflow_server, tmp_path):
+    """Two evaluations logged as transferkit logs them: the compare view lists ``val_recall/<class>`` per run.
+
+    (Runs without system metrics: the compare table renders only its first ~17 metric rows, alphabetically.)
+    """
+    from transferkit.reports.metrics import classification_metrics, split_scores
+
+    y_true = np.array([0, 0, 1, 1])
+    predictions = {"half-right": [[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7]], "all-right": np.eye(2)[y_true]}
+    ids = []
+    for name, probs in predictions.items():
+        with start_run("evaluate", tracking_uri=mlflow_server.store_uri, experiment="compare", run_name=name,
+                       system_metrics=False) as tracker:
+            tracker.log_evaluation(split_scores("val", classification_metrics(y_true, np.array(probs),
+                                                                              ["dirt road", "paved"])))
+        ids.append(tracker.run_id)
+    experiment_id = MlflowClient(mlflow_server.store_uri).get_experiment_by_name("compare").experiment_id
+    compare = _chromium(f"{mlflow_server.url}/#/compare-runs?runs={json.dumps(ids)}&experiments=[\"{experiment_id}\"]",
+                        tmp_path / "profile")
+    assert _compare_row(compare, "val_recall/dirt_road") == ["val_recall/dirt_road", "0.5", "1"]

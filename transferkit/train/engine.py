@@ -656,7 +656,7 @@ class _Run:
         ]
         if model_uri:
             facts.append(f"model: `{model_uri}`" + (f", registered as `{config.register}`" if config.register else ""))
-        headline = ("val_accuracy", "val_macro_f1", "val_loss", "val_ece", "train_loss")
+        headline = ("val_accuracy", "val_macro_f1", "val_loss", "val_ece")
         return run_description(f"{config.backbone} · {config.strategy} on {Path(self.index.root).name}", facts,
                                {k: summary[k] for k in headline if k in summary})
 
