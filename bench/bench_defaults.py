@@ -57,8 +57,8 @@ def transferkit_arm(data: Path, epochs: int, img_size: int, **settings) -> dict:
     result = finetune(config, progress=True)
     seconds = time.perf_counter() - started
     summary = json.loads((result.run_dir / "result.json").read_text())
-    return {"val_acc": result.best["val_acc"], "best_epoch": result.best_epoch, "seconds": seconds,
-            "final_val_acc": result.history[-1]["val_acc"], "calibration": summary.get("calibration")}
+    return {"val_acc": result.best["val_accuracy"], "best_epoch": result.best_epoch, "seconds": seconds,
+            "final_val_acc": result.history[-1]["val_accuracy"], "calibration": summary.get("calibration")}
 
 
 def timm_torchvision_loop(data: Path, epochs: int, img_size: int, seed: int = 0) -> dict:
