@@ -193,3 +193,14 @@ def test_refuses_features_of_other_weights_or_other_data(runner, patterns, tiny_
     result = audit_cli(runner, patterns, tiny_weights, tmp_path / "b", "--no-track", "--features", str(features))
     assert result.exit_code == 2 and "other data" in result.output
     assert not (tmp_path / "a" / "report.json").exists() and not (tmp_path / "b" / "report.json").exists()
+
+
+def test_bad_options_fail_before_any_work(patterns, tiny_weights, tmp_path):
+    from transferkit.errors import TransferkitError
+    from transferkit.features.audit import audit
+
+    for kwargs, message in (({"relabel": True}, "--relabel only applies"), ({"threshold": 1.5}, "threshold must be"),
+                            ({"write_clean": tmp_path / "clean.txt"}, "must end in .csv")):
+        with pytest.raises(TransferkitError, match=message):
+            audit(patterns, TINY_BACKBONE, weights=tiny_weights, out=tmp_path / "a", **kwargs)
+    assert not (tmp_path / "a").exists()
