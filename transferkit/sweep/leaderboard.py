@@ -28,7 +28,8 @@ def leaderboard(study, metric: str) -> pd.DataFrame:
                      **{key: best.get(key) for key in METRIC_KEYS}, "best_epoch": attrs.get("best_epoch"),
                      "seconds": attrs.get("seconds"), "params_m": attrs.get("params_m"),
                      "started_at": trial.datetime_start, "finished_at": trial.datetime_complete, "run_dir": attrs.get("run_dir"),
-                     "mlflow_run_id": attrs.get("mlflow_run_id"), "error": attrs.get("error")})
+                     "mlflow_run_id": attrs.get("mlflow_run_id"), "worker": attrs.get("worker"),
+                     "error": attrs.get("error")})
     columns = ["rank", "trial", "state", *METRIC_KEYS]
     if not rows:
         return pd.DataFrame(columns=columns)
@@ -43,17 +44,21 @@ def leaderboard(study, metric: str) -> pd.DataFrame:
 
 
 def markdown(table: pd.DataFrame, metric: str) -> str:
-    """A GitHub-style table of the leaderboard's readable columns."""
-    shown = [c for c in table.columns if c not in ("run_dir", "mlflow_run_id", "started_at", "finished_at")]
+    """The leaderboard's readable columns as a GitHub-style table."""
+    shown = [c for c in table.columns if c not in ("run_dir", "mlflow_run_id", "started_at", "finished_at", "worker")]
+    return f"Trials ranked by {metric} of their best checkpoint.\n\n" + markdown_table(table[shown])
 
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """Any DataFrame as a GitHub-style table (numbers to 4 significant digits)."""
     def cell(value) -> str:
         if value is None or (not isinstance(value, str) and pd.isna(value)):
             return ""
         return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "/")
 
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in shown) + " |" for _, row in table.iterrows()]
-    return f"Trials ranked by {metric} of their best checkpoint.\n\n" + "\n".join(lines) + "\n"
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
 
 
 def write_leaderboard(table: pd.DataFrame, ranking: pd.DataFrame, metric: str, folder: Path) -> list[Path]:

@@ -17,6 +17,8 @@ marked failed and queued again once its heartbeat is older than ``2 * HEARTBEAT_
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -151,6 +153,7 @@ class TrialRunner:
             trial.set_user_attr(SKIPPED, True)  # the queue ran dry between our check and ask(): no grid point left
             raise optuna.TrialPruned("no grid point left")
         params = self.space.suggest(trial)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which process ran it
         pruned = False
 
         def report(epoch: int, row: dict) -> bool:
