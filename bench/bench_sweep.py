@@ -37,6 +37,20 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
+def subset(data: Path, out: Path, per_class: dict) -> Path:
+    """Symlinks to a seeded sample of ``per_class[split]`` images of every class (all when None)."""
+    import random
+
+    for split, count in per_class.items():
+        for folder in sorted(p for p in (data / split).iterdir() if p.is_dir()):
+            files = sorted(folder.iterdir())
+            chosen = random.Random(0).sample(files, min(count, len(files))) if count else files
+            (out / split / folder.name).mkdir(parents=True, exist_ok=True)
+            for file in chosen:
+                (out / split / folder.name / file.name).symlink_to(file.resolve())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default=str(SHARED / "data" / "signdigits"))
@@ -46,10 +60,15 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--strategies", default="linear-probe,freeze-unfreeze")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--train-per-class", type=int, default=None, help="seeded subset of train images per class")
+    parser.add_argument("--val-per-class", type=int, default=None, help="seeded subset of val images per class")
     args = parser.parse_args()
     os.environ.setdefault("TRANSFERKIT_WEIGHTS_DIR", str(SHARED / "weights"))
     work = Path(args.out or tempfile.mkdtemp(prefix="bench_sweep_"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.train_per_class or args.val_per_class:
+        args.data = str(subset(Path(args.data), work / "data", {"train": args.train_per_class,
+                                                                 "validation": args.val_per_class}))
     fixed = {"img_size": args.img_size, "batch_size": 32, "device": "cpu", "amp": False, "workers": args.workers,
              "early_stopping": 0, "seed": 0}
     spec = work / "sweep.yaml"
@@ -57,7 +76,8 @@ def main() -> None:
 
     print(f"# sweep benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), "
-          f"load average {os.getloadavg()[0]:.1f} at start; data {args.data}; img_size {args.img_size}, "
+          f"load average {os.getloadavg()[0]:.1f} at start; data {args.data} (train/val per class: "
+          f"{args.train_per_class or 'all'}/{args.val_per_class or 'all'}); img_size {args.img_size}, "
           f"epochs {args.epochs}, top-k {args.top_k}, strategies {args.strategies}, batch 32, no MLflow tracking\n")
 
     # 1. the sweep
