@@ -140,6 +140,7 @@ def test_audit_finds_planted_leakage_and_label_error_and_writes_a_clean_csv(runn
     assert run.data.metrics["leakage_groups"] == 1 and run.data.metrics["label_issues"] == 1
     artifacts = {a.path for a in MlflowClient(store).list_artifacts(run.info.run_id, "audit")}
     assert {"audit/report.json", "audit/gallery.png", "audit/embedding_map.png"} <= artifacts
+    assert "| `leakage_groups` | 1 |" in run.data.tags["mlflow.note.content"]  # the run page's description
 
 
 def test_clean_csv_trains(runner, patterns, tiny_weights, tmp_path):

@@ -327,6 +327,7 @@ def _check_clean_target(target) -> Path:
 def _track(report: AuditReport, index, out: Path, *, tracking_uri, experiment) -> str:
     """One MLflow run (its id is returned): counts as metrics, the report and PNGs as artifacts, the dataset."""
     from transferkit.tracking.runs import default_experiment_name, default_run_name, run_tags, start_run
+    from transferkit.tracking.summary import run_description
 
     params = {"backbone": report.backbone, "weights": report.weights, "threshold": report.threshold,
               "pixel_threshold": report.pixel_threshold,
@@ -345,4 +346,9 @@ def _track(report: AuditReport, index, out: Path, *, tracking_uri, experiment) -
                 tracker.log_artifact(out / name, "audit")
         if report.files.get("clean_csv"):
             tracker.log_artifact(report.files["clean_csv"], "audit")
+        tracker.set_description(run_description(
+            f"data audit of {Path(report.dataset).name} with {report.backbone}",
+            [f"data: `{report.dataset}`: {report.images} images, {len(report.classes)} classes",
+             "details: artifacts `audit/report.json`, `audit/gallery.png`, `audit/embedding_map.png`"],
+            report.summary))
     return tracker.run_id
