@@ -50,14 +50,13 @@ def extraction_vs_bare_forward(data: Path, out: Path, batch_size: int, rounds: i
 
     from transferkit.data import discover, load_image
     from transferkit.features.extract import build_feature_model, extract_features
-    from transferkit.models.preprocessing import build_eval_transform, working_short_side
 
-    model, data_config = build_feature_model(BACKBONE, weights=WEIGHTS)
+    model, preprocessing = build_feature_model(BACKBONE, weights=WEIGHTS)
     model.eval()
     index = discover(data)
-    transform, short_side = build_eval_transform(data_config), working_short_side(data_config)
+    transform, short_side = preprocessing.eval_transform(), preprocessing.decode_short_side
     started = time.perf_counter()
-    tensors = torch.stack([transform(image=load_image(s.path, short_side))["image"] for s in index.samples])
+    tensors = torch.stack([transform(load_image(s.path, short_side)) for s in index.samples])
     n = len(tensors)
     decode_img_s = n / (time.perf_counter() - started)
     bare, extract = [], []

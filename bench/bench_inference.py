@@ -57,9 +57,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model, data_config = load_backbone(BACKBONE, weights=WEIGHTS, num_classes=len(index.classes))
+        model, preprocessing = load_backbone(BACKBONE, weights=WEIGHTS, num_classes=len(index.classes))
         save_checkpoint(tmp / "model" / "model", model, checkpoint_metadata(
-            model, kind="classifier", class_names=index.classes, data_config=data_config))
+            model, kind="classifier", class_names=index.classes, preprocessing=preprocessing))
         predictor = load_predictor(tmp / "model", "cpu")
 
         print("1. predict (decode + transform + forward), images/s")

@@ -101,7 +101,6 @@ def build_loader(pipeline: str, root: Path, batch_size: int, workers: int, repea
     from transferkit.data.cache import build_cache
     from transferkit.data.dataset import ImageDataset, make_loader
     from transferkit.models.backbones import load_backbone
-    from transferkit.models.preprocessing import build_eval_transform, working_short_side
 
     if pipeline.startswith("a_"):
         model = timm.create_model(BACKBONE, pretrained=False)
@@ -110,12 +109,12 @@ def build_loader(pipeline: str, root: Path, batch_size: int, workers: int, repea
         dataset = torch.utils.data.ConcatDataset(folders * repeat)
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                            persistent_workers=workers > 0), len(dataset)
-    _, data_config = load_backbone(BACKBONE, pretrained=False)
+    _, preprocessing = load_backbone(BACKBONE, pretrained=False)
     paths = sorted(p for f in image_folders(root) for p in f.glob("*/*") if p.is_file()) * repeat
     mode = {"b_transferkit": "none", "c_transferkit_memory": "memory", "c_transferkit_disk": "disk"}[pipeline]
-    cache = build_cache(mode, folder=cache_dir, interpolation=data_config["interpolation"])
-    dataset = ImageDataset(paths, [0] * len(paths), build_eval_transform(data_config, "crop"),
-                           min_short_side=working_short_side(data_config, "crop"), cache=cache)
+    cache = build_cache(mode, folder=cache_dir, interpolation=preprocessing.interpolation)
+    dataset = ImageDataset(paths, [0] * len(paths), preprocessing.eval_transform(),
+                           min_short_side=preprocessing.decode_short_side, cache=cache)
     return make_loader(dataset, batch_size, workers=workers), len(dataset)
 
 

@@ -180,9 +180,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     paths = [s.path for s in discover(ROADS).samples]
-    model, data_config = load_backbone(BACKBONE, weights=WEIGHTS, num_classes=2)
+    model, preprocessing = load_backbone(BACKBONE, weights=WEIGHTS, num_classes=2)
     checkpoint = save_checkpoint(tmp / "best", model, checkpoint_metadata(
-        model, kind="classifier", class_names=["paved", "unpaved"], data_config=data_config))
+        model, kind="classifier", class_names=["paved", "unpaved"], preprocessing=preprocessing))
     config = {f"group{i // 10}": {f"key{i}": i * 0.5} for i in range(60)}
     png = tmp / "curves.png"
     png.write_bytes(os.urandom(100_000))

@@ -100,15 +100,14 @@ def tiny_classifier(tmp_path_factory, tiny_weights) -> Path:
 
     from transferkit.data import load_image
     from transferkit.models.backbones import load_backbone
-    from transferkit.models.preprocessing import build_eval_transform
     from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
 
     torch.manual_seed(0)
     data = make_dataset(tmp_path_factory.mktemp("classifier_data"), classes=("cat", "dog"), per_class=6)
-    model, data_config = load_backbone(TINY_BACKBONE, weights=tiny_weights, num_classes=2)
-    transform = build_eval_transform(data_config)
+    model, preprocessing = load_backbone(TINY_BACKBONE, weights=tiny_weights, num_classes=2)
+    transform = preprocessing.eval_transform()
     paths = sorted(data.rglob("*.png"))
-    images = torch.stack([transform(image=load_image(p))["image"] for p in paths])
+    images = torch.stack([transform(load_image(p)) for p in paths])
     labels = torch.tensor([0 if p.parent.name == "cat" else 1 for p in paths])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     model.eval()  # batch-norm statistics of 12 flat-colour images would not generalise; train the weights only
@@ -118,7 +117,7 @@ def tiny_classifier(tmp_path_factory, tiny_weights) -> Path:
         optimizer.step()
     folder = tmp_path_factory.mktemp("classifier") / "model"
     folder.mkdir()
-    metadata = checkpoint_metadata(model, kind="classifier", class_names=["cat", "dog"], data_config=data_config)
+    metadata = checkpoint_metadata(model, kind="classifier", class_names=["cat", "dog"], preprocessing=preprocessing)
     save_checkpoint(folder / "model", model, metadata)
     return folder
 

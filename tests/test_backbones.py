@@ -14,7 +14,6 @@ from safetensors.torch import save_file
 from transferkit.data import load_image
 from transferkit.errors import TransferkitError
 from transferkit.models.backbones import backbone_identity, backbone_info, load_backbone
-from transferkit.models.preprocessing import build_eval_transform, working_short_side
 
 
 def test_local_safetensors_loads_exact_weights_and_sidecar_config(tiny_weights):
@@ -24,7 +23,7 @@ def test_local_safetensors_loads_exact_weights_and_sidecar_config(tiny_weights):
     saved = load_file(str(tiny_weights))
     for key, value in model.state_dict().items():
         assert torch.equal(value, saved[key]), key
-    assert cfg["input_size"] == [3, TINY_IMG, TINY_IMG]  # from the sidecar JSON
+    assert cfg.data_config["input_size"] == [3, TINY_IMG, TINY_IMG]  # from the sidecar JSON
     assert backbone_identity(model)["weights"].startswith("sha256:")
 
 
@@ -64,16 +63,16 @@ def test_weights_config_overrides_and_explicit_overrides_win(tiny_weights, tmp_p
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({"data_config": {"mean": [0.5] * 3, "std": [0.25] * 3}}))
     _, cfg = load_backbone(TINY_BACKBONE, weights=tiny_weights, weights_config=config)
-    assert cfg["mean"] == [0.5] * 3 and cfg["std"] == [0.25] * 3
+    assert cfg.data_config["mean"] == [0.5] * 3 and cfg.data_config["std"] == [0.25] * 3
     _, cfg = load_backbone(TINY_BACKBONE, weights=tiny_weights, weights_config=config, data_overrides={"img_size": 32})
-    assert cfg["input_size"] == [3, 32, 32] and cfg["mean"] == [0.5] * 3
+    assert cfg.data_config["input_size"] == [3, 32, 32] and cfg.data_config["mean"] == [0.5] * 3
 
 
 def test_weights_dir_is_searched(tiny_weights, monkeypatch):
     monkeypatch.setenv("TRANSFERKIT_WEIGHTS_DIR", str(tiny_weights.parent))
     model, cfg = load_backbone(TINY_BACKBONE)
     assert backbone_identity(model)["weights"].startswith("sha256:")
-    assert cfg["input_size"] == [3, TINY_IMG, TINY_IMG]
+    assert cfg.data_config["input_size"] == [3, TINY_IMG, TINY_IMG]
 
 
 def test_no_weights_anywhere_fails_fast_with_the_three_ways(monkeypatch, tmp_path):
@@ -124,12 +123,12 @@ def test_real_weights_classify_real_photos(name):
     """The test that proves normalization: every photo has an acceptable ImageNet class in its top 5."""
     from timm.data import ImageNetInfo
 
-    model, cfg = load_backbone(name, weights=SHARED_WEIGHTS / f"{name}.safetensors", weights_config=SIDECARS[name])
+    model, preprocessing = load_backbone(name, weights=SHARED_WEIGHTS / f"{name}.safetensors", weights_config=SIDECARS[name])
     model.eval()
-    transform = build_eval_transform(cfg)
+    transform = preprocessing.eval_transform()
     info = ImageNetInfo()
     images = sorted(ACCEPTABLE)
-    batch = torch.stack([transform(image=load_image(SHARED_PHOTOS / f, working_short_side(cfg)))["image"] for f in images])
+    batch = torch.stack([transform(load_image(SHARED_PHOTOS / f, preprocessing.decode_short_side)) for f in images])
     with torch.inference_mode():
         top5 = model(batch).topk(5).indices.numpy()
     for photo, indices in zip(images, top5):
@@ -144,10 +143,10 @@ def test_wrong_normalization_is_detectable():
     kwargs = {"weights": SHARED_WEIGHTS / "mobilenetv2_100.safetensors", "pad_type": "same"}
     model, right = load_backbone("mobilenetv2_100", data_overrides={"mean": [0.5] * 3, "std": [0.5] * 3}, **kwargs)
     _, wrong = load_backbone("mobilenetv2_100", **kwargs)
-    assert wrong["mean"] != right["mean"]
+    assert wrong.mean != right.mean
     image = load_image(SHARED_PHOTOS / "hot_dog.jpg")
     model.eval()
     with torch.inference_mode():
-        a = model(build_eval_transform(right)(image=image)["image"][None]).softmax(-1).numpy()
-        b = model(build_eval_transform(wrong)(image=image)["image"][None]).softmax(-1).numpy()
+        a = model(right.eval_transform()(image)[None]).softmax(-1).numpy()
+        b = model(wrong.eval_transform()(image)[None]).softmax(-1).numpy()
     assert not np.allclose(a, b, atol=1e-3)

@@ -174,7 +174,7 @@ def test_predict_tta_hflip_averages_the_mirror(tiny_classifier, tiny_data):
     paths = sorted((tiny_data / "val").rglob("*.png"))[:5]
     tta = _probabilities(predict(tiny_classifier, paths, topk=2, tta="hflip", batch_size=2, workers=0))
     predictor = load_predictor(tiny_classifier)
-    views = torch.stack([predictor.eval_transform()(image=load_image(p))["image"] for p in paths])
+    views = torch.stack([predictor.preprocessing.eval_transform()(load_image(p)) for p in paths])
     expected = (predictor.predict_proba_tensor(views) + predictor.predict_proba_tensor(views.flip(-1))) / 2
     np.testing.assert_allclose(tta, expected, atol=1e-6)
     plain = _probabilities(predict(tiny_classifier, paths, topk=2, workers=0))

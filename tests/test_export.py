@@ -16,12 +16,12 @@ from transferkit.use.predict import predict
 
 
 def _preprocess_like_a_deployment(sidecar: dict, paths) -> np.ndarray:
-    """What a consumer of the export does: rebuild the eval transform from the JSON alone."""
-    from transferkit.data import load_image
-    from transferkit.models.preprocessing import build_eval_transform
+    """What a consumer of the export does: rebuild the eval transform from the JSON alone, with timm."""
+    from PIL import Image
+    from timm.data import create_transform
 
-    transform = build_eval_transform(sidecar["data_config"], sidecar["resize_mode"])
-    return torch.stack([transform(image=load_image(p))["image"] for p in paths]).numpy()
+    transform = create_transform(**sidecar["data_config"], is_training=False)
+    return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]).numpy()
 
 
 def test_onnx_export_parity_on_real_images(runner, tiny_classifier, tiny_data, tmp_path):
@@ -90,9 +90,9 @@ def test_svm_model_cannot_be_exported(runner, tiny_weights, tmp_path):
     from transferkit.models.backbones import load_backbone
     from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
 
-    model, data_config = load_backbone(TINY_BACKBONE, weights=tiny_weights, num_classes=0)
+    model, preprocessing = load_backbone(TINY_BACKBONE, weights=tiny_weights, num_classes=0)
     save_checkpoint(tmp_path / "svm" / "model", model,
-                    checkpoint_metadata(model, kind="svm", class_names=["cat", "dog"], data_config=data_config))
+                    checkpoint_metadata(model, kind="svm", class_names=["cat", "dog"], preprocessing=preprocessing))
     result = runner.invoke(main, ["export", "--model", str(tmp_path / "svm"), "--format", "onnx"])
     assert result.exit_code == 2
     assert "only finetuned classifiers can be exported" in result.output and "scikit-learn" in result.output
@@ -118,11 +118,11 @@ def test_real_lite0_imagenet_model_predicts_and_exports(runner, tmp_path):
     from transferkit.models.backbones import load_backbone
     from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
 
-    model, data_config = load_backbone("tf_efficientnet_lite0", weights=SHARED_WEIGHTS / "tf_efficientnet_lite0.safetensors")
+    model, preprocessing = load_backbone("tf_efficientnet_lite0", weights=SHARED_WEIGHTS / "tf_efficientnet_lite0.safetensors")
     info = ImageNetInfo()
     names = [info.index_to_description(i) for i in range(1000)]
     save_checkpoint(tmp_path / "imagenet" / "model", model,
-                    checkpoint_metadata(model, kind="classifier", class_names=names, data_config=data_config))
+                    checkpoint_metadata(model, kind="classifier", class_names=names, preprocessing=preprocessing))
     photos = sorted(p for p in SHARED_PHOTOS.glob("*.jpg") if p.stem in ACCEPTABLE_TOP5)
     rows = predict(tmp_path / "imagenet", photos, topk=5, workers=0)
     for row in rows:

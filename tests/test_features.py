@@ -22,12 +22,11 @@ from transferkit.features.extract import (
 )
 
 
-def _preprocessed(paths, data_config):
+def _preprocessed(paths, preprocessing):
     from transferkit.data.decode import load_image
-    from transferkit.models.preprocessing import build_eval_transform
 
-    transform = build_eval_transform(data_config)
-    return torch.stack([transform(image=load_image(p))["image"] for p in paths])
+    transform = preprocessing.eval_transform()
+    return torch.stack([transform(load_image(p)) for p in paths])
 
 
 def test_parquet_schema_metadata_and_vectors(tiny_data, tiny_weights, tmp_path):
@@ -40,28 +39,26 @@ def test_parquet_schema_metadata_and_vectors(tiny_data, tiny_weights, tmp_path):
     index = discover(tiny_data)
     assert meta["backbone"] == TINY_BACKBONE
     assert meta["weights"] == f"sha256:{sha256_file(tiny_weights)}"
-    assert meta["data_config"]["input_size"] == [3, TINY_IMG, TINY_IMG]
+    assert meta["preprocessing"]["input_size"] == [3, TINY_IMG, TINY_IMG]
     assert (meta["pool"], meta["feature_dim"], meta["dtype"], meta["class_names"]) == ("avg", 256, "float32", ["cat", "dog"])
     assert meta["dataset"]["fingerprint"] == index.fingerprint() and meta["transferkit_version"]
     assert list(table.paths) == [index.relpath(s) for s in index.samples]
     assert list(table.labels[:8]) == ["cat"] * 8 and set(table.splits) == {"train", "val"}
     assert table.vectors.shape == (24, 256) and table.vectors.dtype == np.float32
     # the vectors are timm's own pre-logits features of the eval-preprocessed image
-    model, data_config = build_feature_model(TINY_BACKBONE, weights=tiny_weights)
+    model, preprocessing = build_feature_model(TINY_BACKBONE, weights=tiny_weights)
     with torch.inference_mode():
-        expected = model.eval()(_preprocessed([tiny_data / table.paths[i] for i in (0, 23)], data_config))
+        expected = model.eval()(_preprocessed([tiny_data / table.paths[i] for i in (0, 23)], preprocessing))
     np.testing.assert_allclose(table.vectors[[0, 23]], expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_compute_features_is_the_same_loop_in_memory(tiny_data, tiny_weights, tmp_path):
     from transferkit.data.dataset import ImageDataset, make_loader
-    from transferkit.models.preprocessing import build_eval_transform
-
     table, _ = read_features(extract_tiny(tiny_data, tiny_weights, tmp_path / "f.parquet", batch_size=32))
-    model, data_config = build_feature_model(TINY_BACKBONE, weights=tiny_weights)
+    model, preprocessing = build_feature_model(TINY_BACKBONE, weights=tiny_weights)
     model.train()
     loader = make_loader(ImageDataset([tiny_data / p for p in table.paths], list(table.label_index),
-                                      build_eval_transform(data_config)), 32, workers=0)
+                                      preprocessing.eval_transform()), 32, workers=0)
     vectors, labels = compute_features(model, loader, torch.device("cpu"))
     assert model.training, "the caller's train/eval mode is restored"
     np.testing.assert_array_equal(vectors, table.vectors)

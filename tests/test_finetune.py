@@ -70,7 +70,7 @@ def test_every_strategy_trains_a_loadable_classifier(runner, tiny_data, tiny_wei
     assert resolve_config(run_dir / "config.yaml").strategy == strategy
     best = json.loads((run_dir / "best.json").read_text())
     assert best["class_names"] == ["cat", "dog"] and best["recipe"]["strategy"] == strategy
-    assert len(best["split"]) == 24 and best["data_config"]["input_size"] == [3, IMG, IMG]
+    assert len(best["split"]) == 24 and best["preprocessing"]["input_size"] == [3, IMG, IMG]
     # the best checkpoint reproduces its own recorded val accuracy through the public predictor
     predictor = load_predictor(run_dir)
     val = sorted((tiny_data / "val").rglob("*.png"))

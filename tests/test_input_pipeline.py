@@ -10,16 +10,16 @@ import torch
 from PIL import Image
 
 from transferkit.choices import CACHE_MODES
-from transferkit.data.augment import build_train_transform
 from transferkit.data.cache import DiskCache, MemoryCache, build_cache, decode_working
 from transferkit.data.dataset import ImageDataset, make_loader
 from transferkit.data.decode import load_image
 from transferkit.errors import TransferkitError
-from transferkit.models.preprocessing import build_eval_transform, working_short_side
+from transferkit.models.preprocessing import Preprocessing
 
 CONFIG = {"input_size": [3, 64, 64], "interpolation": "bicubic", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
           "crop_pct": 0.875, "crop_mode": "center"}
-SHORT = working_short_side(CONFIG, "crop")  # 73
+PRE = Preprocessing.resolve(CONFIG)
+SHORT = PRE.decode_short_side  # 73
 
 
 def _photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -50,8 +50,8 @@ def test_draft_decode_is_close_to_full_decode_then_resize(jpegs):
     draft = load_image(jpegs[0], SHORT)
     assert full.shape == (600, 800, 3)
     assert draft.shape[0] < full.shape[0] and min(draft.shape[:2]) >= SHORT  # DCT-domain downscale happened
-    transform = build_eval_transform(CONFIG, "crop")
-    a, b = (transform(image=im)["image"] for im in (full, draft))
+    transform = PRE.eval_transform()
+    a, b = (transform(im) for im in (full, draft))
     std = torch.tensor(CONFIG["std"]).view(3, 1, 1)
     pixel_error = ((a - b) * std * 255).abs()  # back in 0..255 units
     assert pixel_error.mean() < 2.0 and pixel_error.max() < 40
@@ -85,7 +85,7 @@ def test_cache_invalidates_when_a_file_changes(mode, jpegs, tmp_path):
 
 def test_disk_cache_is_shared_across_processes_and_workers(jpegs, tmp_path):
     folder = tmp_path / "cache"
-    dataset = ImageDataset(jpegs * 2, [0] * 6, build_eval_transform(CONFIG), min_short_side=SHORT,
+    dataset = ImageDataset(jpegs * 2, [0] * 6, PRE.eval_transform(), min_short_side=SHORT,
                            cache=build_cache("disk", folder=folder))
     worker_batches = [x for x, _ in make_loader(dataset, 2, workers=2)]
     fresh = DiskCache(folder)  # a new process would start exactly like this
@@ -93,12 +93,12 @@ def test_disk_cache_is_shared_across_processes_and_workers(jpegs, tmp_path):
         fresh.get(path, SHORT)
     assert (fresh.misses, fresh.hits) == (0, 3)
     assert len(list(folder.rglob("*.npy"))) == 3 and not list(folder.rglob("*.tmp"))
-    uncached = ImageDataset(jpegs * 2, [0] * 6, build_eval_transform(CONFIG), min_short_side=SHORT)
+    uncached = ImageDataset(jpegs * 2, [0] * 6, PRE.eval_transform(), min_short_side=SHORT)
     assert torch.equal(torch.cat(worker_batches), torch.stack([uncached[i][0] for i in range(6)]))
 
 
 def test_cached_eval_tensors_equal_uncached_in_crop_mode(jpegs, tmp_path):
-    transform = build_eval_transform(CONFIG, "crop")
+    transform = PRE.eval_transform()
     plain = ImageDataset(jpegs, None, transform, min_short_side=SHORT)
     cached = ImageDataset(jpegs, None, transform, min_short_side=SHORT, cache=build_cache("memory"))
     for i in range(len(jpegs)):
@@ -160,7 +160,7 @@ def test_build_cache_validates_its_arguments(tmp_path):
 def test_workers_draw_different_augmentations_reproducibly(tmp_path):
     path = tmp_path / "one.png"
     Image.fromarray(_photo_like(96, 80)).save(path)
-    dataset = ImageDataset([path] * 4, [0] * 4, build_train_transform(CONFIG, "heavy"))
+    dataset = ImageDataset([path] * 4, [0] * 4, PRE.train_transform("heavy"))
 
     def run():
         return [x for x, _ in make_loader(dataset, 1, workers=2, seed=3)]
@@ -171,7 +171,7 @@ def test_workers_draw_different_augmentations_reproducibly(tmp_path):
 
 
 def test_make_loader_defaults_and_overrides(jpegs):
-    dataset = ImageDataset(jpegs, [0, 1, 0], build_eval_transform(CONFIG))
+    dataset = ImageDataset(jpegs, [0, 1, 0], PRE.eval_transform())
     loader = make_loader(dataset, 2, workers=0)
     assert not loader.persistent_workers and not loader.pin_memory
     assert make_loader(dataset, 2, workers=1).persistent_workers
@@ -182,8 +182,6 @@ def test_make_loader_defaults_and_overrides(jpegs):
 
 
 def test_dataset_batches_tta_views(jpegs):
-    from transferkit.data.augment import build_tta_transform
-
-    dataset = ImageDataset(jpegs, [0, 1, 0], build_tta_transform(CONFIG, "crop", "ten-crop"), min_short_side=SHORT)
+    dataset = ImageDataset(jpegs, [0, 1, 0], PRE.tta_views("ten-crop"), min_short_side=SHORT)
     views, labels = next(iter(make_loader(dataset, 3, workers=0)))
     assert views.shape == (3, 10, 3, 64, 64) and labels.tolist() == [0, 1, 0]

@@ -35,8 +35,8 @@ def checkpoint(tmp_path_factory, tiny_weights):
     from transferkit.models.backbones import load_backbone
     from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
 
-    model, data_config = load_backbone(TINY_BACKBONE, weights=tiny_weights, num_classes=2)
-    metadata = checkpoint_metadata(model, kind="classifier", class_names=CLASSES, data_config=data_config)
+    model, preprocessing = load_backbone(TINY_BACKBONE, weights=tiny_weights, num_classes=2)
+    metadata = checkpoint_metadata(model, kind="classifier", class_names=CLASSES, preprocessing=preprocessing)
     return save_checkpoint(tmp_path_factory.mktemp("run") / "best", model, metadata)
 
 

@@ -19,6 +19,7 @@ AUG_PRESETS = ("none", "light", "medium", "heavy")  # or an albumentations YAML 
 
 # preprocessing and input pipeline
 RESIZE_MODES = ("crop", "squash", "letterbox")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "area")  # timm / torchvision names
 CACHE_MODES = ("none", "memory", "disk")
 TTA_MODES = ("none", "hflip", "five-crop", "ten-crop")  # evaluate / predict
 TTA_VIEWS = {"none": 1, "hflip": 2, "five-crop": 5, "ten-crop": 10}

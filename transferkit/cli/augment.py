@@ -25,23 +25,23 @@ def augment():
               help="Its input size, interpolation and mean/std define the tail of the pipeline.")
 @weights_options
 @click.option("--img-size", type=click.IntRange(min=16), default=None, help="Override the backbone's input size.")
-@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default="crop", show_default=True)
+@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
+              help="How images fit the input [default: the backbone's own, crop for most].")
 def preview_cmd(data, aug, count, seed, out, backbone, weights, weights_config, pretrained, img_size, resize_mode):
     """Write a grid of augmented training samples, captioned with their class, to --out.
 
     Only the backbone's preprocessing (size, interpolation, mean/std) is read, from timm or from
     --weights / --weights-config; no weights are downloaded, so --pretrained makes no difference.
     """
-    from transferkit.data.augment import preview_grid
     from transferkit.models.backbones import load_backbone
+    from transferkit.reports.plots import augmentation_preview_png
 
-    _, data_config = load_backbone(
+    _, preprocessing = load_backbone(
         backbone, weights=weights, pretrained=False, weights_config=weights_config,
-        data_overrides={"img_size": img_size} if img_size else None,
+        data_overrides={"img_size": img_size} if img_size else None, resize_mode=resize_mode,
     )
-    path = preview_grid(data, aug, data_config, n=count, seed=seed, out=out, resize_mode=resize_mode)
-    size = "x".join(str(v) for v in data_config["input_size"][1:])
-    click.echo(f"wrote {path} ({count} samples, aug {aug}, {size} {resize_mode}, mean {data_config['mean']})")
+    path = augmentation_preview_png(data, aug, preprocessing, out, n=count, seed=seed)
+    click.echo(f"wrote {path} ({count} samples, aug {aug}, {preprocessing.describe()})")
 
 
 @augment.command("show")

@@ -24,7 +24,8 @@ def extraction_options(func):
     @click.option("--layer", default=None, help="Pool an intermediate stage instead (timm feature_info name, e.g. blocks.4).")
     @click.option("--tta", type=click.Choice(choices.FEATURE_TTA_MODES), default="none", show_default=True,
                   help="hflip: average the vectors of each image and its mirror.")
-    @click.option("--resize-mode", type=click.Choice(choices.RESIZE_MODES), default="crop", show_default=True)
+    @click.option("--resize-mode", type=click.Choice(choices.RESIZE_MODES), default=None,
+                  help="How images fit the input [default: the backbone's own, crop for most].")
     @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
     @click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers [default: CPUs-1, max 8].")
     @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")

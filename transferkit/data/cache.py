@@ -1,9 +1,9 @@
 """Decoded-image cache: each image is decoded once at the working resolution and reused every later epoch.
 
-The working resolution is the ``min_short_side`` the dataset asks for (use
-:func:`transferkit.models.preprocessing.working_short_side`): the image is draft-decoded, then brought down to
-exactly that shorter side with the backbone's interpolation and the same resize step the eval
-transform starts with. In ``--resize-mode crop`` (square input) the eval transform's own resize is
+The working resolution is the ``min_short_side`` the dataset asks for (a
+:class:`~transferkit.models.preprocessing.Preprocessing`'s ``decode_short_side``): the image is draft-decoded,
+then brought down to exactly that shorter side with the backbone's interpolation and the same resize step the
+eval transform starts with. In ``--resize-mode crop`` (square input) the eval transform's own resize is
 then a no-op, so cached and uncached eval tensors are byte-for-byte equal; in squash/letterbox the
 extra downscale changes pixels slightly, so keep validation uncached there if exact parity matters.
 
@@ -25,17 +25,16 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
-import albumentations as A
 import numpy as np
 import psutil
 from torch.utils.data import get_worker_info
 
-from transferkit.choices import CACHE_MODES, check_choice
+from transferkit.choices import CACHE_MODES, INTERPOLATIONS, check_choice
 from transferkit.core.fileio import atomic_path, ensure_writable_dir
 from transferkit.data.decode import load_image
 from transferkit.errors import TransferkitError
-from transferkit.models.preprocessing import interpolation_flag
 
+RESIZER = "pil"  # part of the key: entries written by an earlier (cv2) resize are not served
 DEFAULT_MAX_BYTES = min(4 << 30, psutil.virtual_memory().total // 4)  # memory cache, all workers together
 
 
@@ -51,7 +50,7 @@ def build_cache(mode: str, folder: str | os.PathLike | None = None, max_bytes: i
     ``interpolation`` should be the backbone's (``data_config['interpolation']``).
     """
     check_choice("--cache", mode, CACHE_MODES)
-    interpolation_flag(interpolation)  # validates the name
+    check_choice("interpolation", interpolation, INTERPOLATIONS)
     if mode == "memory":
         if max_bytes <= 0:
             raise TransferkitError(f"memory cache max_bytes must be positive, got {max_bytes}")
@@ -62,11 +61,15 @@ def build_cache(mode: str, folder: str | os.PathLike | None = None, max_bytes: i
 
 
 def decode_working(path: str | os.PathLike, short_side: int | None, interpolation: str = "bicubic") -> np.ndarray:
-    """Draft-decode ``path`` and shrink it to exactly ``short_side`` (never enlarge)."""
+    """Draft-decode ``path`` and shrink it to exactly ``short_side`` (never enlarge), with the same
+    resize as timm's eval transform (torchvision on PIL, antialiased)."""
     image = load_image(path, short_side)
     if short_side and min(image.shape[:2]) > short_side:
-        resize = A.SmallestMaxSize(max_size=short_side, interpolation=interpolation_flag(interpolation))
-        image = resize(image=image)["image"]
+        from PIL import Image
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.functional import resize
+
+        image = np.array(resize(Image.fromarray(image), short_side, interpolation=InterpolationMode(interpolation)))
     return np.ascontiguousarray(image)
 
 
@@ -100,7 +103,7 @@ class DecodedImageCache:
             with open(path, "rb") as fh:
                 known = (stamp, hashlib.blake2b(fh.read(), digest_size=16).hexdigest())
             self._digests[path] = known
-        return f"{known[1]}-{short_side or 0}-{self.interpolation}"
+        return f"{known[1]}-{short_side or 0}-{self.interpolation}-{RESIZER}"
 
     def _read(self, key: str) -> np.ndarray | None:
         raise NotImplementedError

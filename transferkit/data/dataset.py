@@ -18,9 +18,9 @@ class ImageDataset(Dataset):
     """Decodes ``paths`` and applies ``transform``; yields ``(tensor, label)``.
 
     ``transform`` is an albumentations pipeline (called as ``transform(image=...)["image"]``) or a
-    callable ``transform(image=...)`` returning the tensor itself, such as a TTA transform.
-    ``min_short_side`` lets large JPEGs be draft-decoded at no less than the size the transform needs
-    (:func:`transferkit.models.preprocessing.working_short_side`); ``cache`` (:func:`transferkit.data.cache.build_cache`)
+    callable ``transform(image=...)`` returning the tensor itself, such as the transforms of
+    :class:`transferkit.models.preprocessing.Preprocessing`. ``min_short_side`` lets large JPEGs be
+    draft-decoded at no less than the size the transform needs (its ``decode_short_side``); ``cache`` (:func:`transferkit.data.cache.build_cache`)
     keeps them decoded at that size for later epochs.
     """
 
@@ -38,8 +38,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         path = self.paths[i]
         image = self.cache.get(path, self.min_short_side) if self.cache is not None else load_image(path, self.min_short_side)
-        out = self.transform(image=image)
-        return (out["image"] if isinstance(out, Mapping) else out), self.labels[i]
+        return apply_transform(self.transform, image), self.labels[i]
 
     def reseed(self, seed: int) -> None:
         """Give the augmentation its own random stream (albumentations keeps one per pipeline object)."""
@@ -95,7 +94,13 @@ def preprocessed_batches(images: Sequence, transform: Callable, batch_size: int,
         chunk = images[start:start + batch_size]
         decoded = [load_image(im, min_short_side) if isinstance(im, (str, os.PathLike)) else as_rgb_array(im)
                    for im in chunk]
-        yield torch.stack([transform(image=im)["image"] for im in decoded])
+        yield torch.stack([apply_transform(transform, im) for im in decoded])
+
+
+def apply_transform(transform: Callable, image: np.ndarray) -> torch.Tensor:
+    """``transform(image=...)``: an albumentations pipeline (returns a dict) or a Preprocessing transform (a tensor)."""
+    out = transform(image=image)
+    return out["image"] if isinstance(out, Mapping) else out
 
 
 def as_rgb_array(image) -> np.ndarray:

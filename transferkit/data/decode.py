@@ -2,7 +2,9 @@
 
 EXIF orientation is applied, every mode (grayscale, palette, RGBA, CMYK, 16-bit) becomes 8-bit RGB,
 decompression bombs are refused, and large JPEGs are decoded with PIL's draft mode (DCT-domain
-downscale) when the caller only needs a smaller working size.
+downscale) when the caller only needs a smaller working size. The draft keeps :data:`DRAFT_MARGIN` times
+the size asked for, so the final antialiased resize, not the DCT scaling, sets the pixels: features then
+match a full decode to a mean cosine of 0.9995 (``docs/benchmarks/preprocessing.md``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from transferkit.errors import TransferkitError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_PIXELS = 89_478_485  # PIL's own default bomb limit: ~ 9459 x 9459
+DRAFT_MARGIN = 1.5  # a draft-decoded JPEG keeps at least this many times the short side asked for
 
 
 class ImageDecodeError(TransferkitError):
@@ -86,7 +89,7 @@ def _refuse_bombs(img: Image.Image, path) -> None:
 
 
 def _draft_request(size: tuple[int, int], min_short_side: int) -> tuple[int, int]:
-    """A draft size whose shorter side stays >= min_short_side (draft never goes below the request)."""
+    """A draft size whose shorter side stays >= DRAFT_MARGIN x min_short_side (draft never goes below the request)."""
     width, height = size
-    scale = min_short_side / min(width, height)
+    scale = DRAFT_MARGIN * min_short_side / min(width, height)
     return max(1, int(np.ceil(width * scale))), max(1, int(np.ceil(height * scale)))

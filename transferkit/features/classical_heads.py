@@ -36,6 +36,7 @@ from transferkit.features.extract import (
     resolve_layer,
 )
 from transferkit.models.predictors import Predictor
+from transferkit.models.preprocessing import Preprocessing
 from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
 
 DEFAULT_GRIDS = {
@@ -239,10 +240,7 @@ def save_head_model(out, result: HeadResult, feature_metadata: Mapping, *, weigh
                                "with the head; extract with pretrained --weights to get a usable model")
     out = ensure_writable_dir(out)
     weights = weights or feature_metadata.get("weights_file")
-    model, data_config = build_feature_model(
-        feature_metadata["backbone"], weights=weights, data_overrides=feature_metadata["data_config"],
-        **feature_metadata["model_kwargs"],
-    )
+    model, _ = build_feature_model(feature_metadata["backbone"], weights=weights, **feature_metadata["model_kwargs"])
     found = backbone_identity(model)["weights"]
     if found != feature_metadata["weights"]:
         raise TransferkitError(
@@ -257,8 +255,8 @@ def save_head_model(out, result: HeadResult, feature_metadata: Mapping, *, weigh
                     for split, m in result.metrics.items()}
     write_json(out / "metrics.json", {**summary, "metrics": result.metrics})  # plots: `transferkit evaluate`
     metadata = checkpoint_metadata(
-        model, kind="svm", class_names=feature_metadata["class_names"], data_config=data_config,
-        resize_mode=feature_metadata["resize_mode"], pool=feature_metadata["pool"], layer=feature_metadata["layer"],
+        model, kind="svm", class_names=feature_metadata["class_names"],
+        preprocessing=Preprocessing.from_metadata(feature_metadata), pool=feature_metadata["pool"], layer=feature_metadata["layer"],
         tta=feature_metadata["tta"], feature_dim=feature_metadata["feature_dim"], head_file=HEAD_FILE,
         head_metrics=split_scores, features=feature_identity(feature_metadata),
         dataset_fingerprint=feature_metadata["dataset"]["fingerprint"], **summary,
@@ -312,8 +310,7 @@ def load_svm_predictor(path: Path, metadata: Mapping, device: torch.device) -> S
     head_path = Path(path).with_name(metadata["head_file"])
     if not head_path.is_file():
         raise TransferkitError(f"SVM model {path} lacks its head {head_path.name}; copy the whole model folder")
-    model, _ = build_feature_model(metadata["backbone"], weights=path, data_overrides=metadata["data_config"],
-                                   **metadata.get("model_kwargs", {}))
+    model, _ = build_feature_model(metadata["backbone"], weights=path, **metadata.get("model_kwargs", {}))
     return SVMPredictor(model, load_head(head_path), metadata, device)
 
 

@@ -35,13 +35,14 @@ from transferkit.errors import TransferkitError
 if TYPE_CHECKING:
     import torch
 
+    from transferkit.models.preprocessing import Preprocessing
+
 FORMAT = "transferkit-features"
 SUFFIXES = (".parquet", ".npz")
 METADATA_KEY = "transferkit"
 CHUNK_ROWS = 1024
 # What makes two sets of vectors comparable: a model trained on one can score the other.
-IDENTITY_KEYS = ("backbone", "model_kwargs", "weights", "data_config", "resize_mode", "pool", "layer", "tta",
-                 "feature_dim")
+IDENTITY_KEYS = ("backbone", "model_kwargs", "weights", "preprocessing", "pool", "layer", "tta", "feature_dim")
 
 
 # --------------------------------------------------------------------------- the forward pass
@@ -152,12 +153,12 @@ def feature_dim(model: torch.nn.Module, pool: str | None, layer: int | None, tta
 
 
 def build_feature_model(backbone: str, *, weights=None, weights_config=None, pretrained: bool = True,
-                        data_overrides: Mapping | None = None, **model_kwargs):
-    """The backbone without classifier (``num_classes=0``) and its data config."""
+                        data_overrides: Mapping | None = None, resize_mode: str | None = None, **model_kwargs):
+    """The backbone without classifier (``num_classes=0``) and its :class:`Preprocessing`."""
     from transferkit.models.backbones import load_backbone
 
-    return load_backbone(backbone, weights=weights, num_classes=0, pretrained=pretrained,
-                         weights_config=weights_config, data_overrides=data_overrides, **model_kwargs)
+    return load_backbone(backbone, weights=weights, num_classes=0, pretrained=pretrained, weights_config=weights_config,
+                         data_overrides=data_overrides, resize_mode=resize_mode, **model_kwargs)
 
 
 # --------------------------------------------------------------------------- extract to a file
@@ -165,16 +166,17 @@ def build_feature_model(backbone: str, *, weights=None, weights_config=None, pre
 
 def extract_features(backbone: str, data, out, *, weights=None, weights_config=None, pretrained: bool = True,
                      split: str = "all", pool: str = "avg", layer: str | int | None = None, tta: str = "none",
-                     batch_size: int = 32, dtype: str = "float32", resize_mode: str = "crop",
+                     batch_size: int = 32, dtype: str = "float32", resize_mode: str | None = None,
                      workers: int | None = None, device: str = "auto", force: bool = False,
                      val_ratio: float = 0.2, seed: int = 0, chunk_rows: int = CHUNK_ROWS,
                      data_overrides: Mapping | None = None) -> Path:
     """Write one row per image (path, label, split, vector) to ``out`` (.parquet or .npz); returns ``out``.
 
     An existing ``out`` with the same metadata (backbone, weights, preprocessing, pooling, dataset
-    fingerprint, ...) is reused unless ``force``. ``data_overrides`` (e.g. ``img_size``) change the backbone's
-    preprocessing as in :func:`transferkit.models.backbones.load_backbone`. Under torchrun, ranks compute interleaved batches and
-    rank 0 writes them in the single-process order, so the file is the same for any number of processes.
+    fingerprint, ...) is reused unless ``force``; ``resize_mode`` None keeps the backbone's own crop mode, and
+    ``data_overrides`` (e.g. ``img_size``) change its preprocessing as in :func:`~transferkit.models.backbones.load_backbone`.
+    Under torchrun, ranks compute interleaved batches and rank 0 writes them in the single-process order, so
+    the file is the same for any number of processes.
     """
     from transferkit.core import distributed
     from transferkit.core.runtime import prepare_model, select_device
@@ -189,18 +191,19 @@ def extract_features(backbone: str, data, out, *, weights=None, weights_config=N
         raise TransferkitError(f"split {split!r} of {data} has no images; available: {', '.join(index.splits)}")
     torch_device = select_device(device)
     with distributed.process_group(torch_device):
-        model, data_config = build_feature_model(backbone, weights=weights, weights_config=weights_config,
-                                                 pretrained=pretrained, data_overrides=data_overrides)
+        model, preprocessing = build_feature_model(backbone, weights=weights, weights_config=weights_config,
+                                                   pretrained=pretrained, resize_mode=resize_mode,
+                                                   data_overrides=data_overrides)
         layer_index = resolve_layer(model, layer)
         check_pool(model, pool, layer_index)
         model = prepare_model(model, torch_device).eval()
         dim = feature_dim(model, pool, layer_index)
-        metadata = _metadata(model, data_config, index, weights=weights, split=split, pool=pool, layer=layer,
-                             tta=tta, dtype=dtype, resize_mode=resize_mode, dim=dim, rows=len(samples))
+        metadata = _metadata(model, preprocessing, index, weights=weights, split=split, pool=pool, layer=layer,
+                             tta=tta, dtype=dtype, dim=dim, rows=len(samples))
         if not force and distributed.broadcast_from_main(is_up_to_date(out, metadata)):
             return out
         rows = [(index.relpath(s), index.classes[s.label], s.label, s.split) for s in samples]
-        loader_factory = _LoaderFactory(samples, data_config, resize_mode, batch_size, workers, torch_device)
+        loader_factory = _LoaderFactory(samples, preprocessing, batch_size, workers, torch_device)
         stream = _merged_batches(model, loader_factory, torch_device, dim, pool=pool, layer=layer_index, tta=tta)
         if distributed.is_main():
             with atomic_path(out) as tmp:
@@ -220,8 +223,7 @@ class _LoaderFactory:
     """A loader over one rank's batches: global batches rank, rank+W, rank+2W, ... in that order."""
 
     samples: list
-    data_config: dict
-    resize_mode: str
+    preprocessing: Preprocessing
     batch_size: int
     workers: int | None
     device: torch.device
@@ -232,13 +234,11 @@ class _LoaderFactory:
 
     def loader(self, rank: int, world: int):
         from transferkit.data.dataset import ImageDataset, make_loader
-        from transferkit.models.preprocessing import build_eval_transform, working_short_side
 
         size = self.batch_size
         mine = [s for b in range(rank, self.num_batches, world) for s in self.samples[b * size:(b + 1) * size]]
-        dataset = ImageDataset([s.path for s in mine], [s.label for s in mine],
-                               build_eval_transform(self.data_config, self.resize_mode),
-                               min_short_side=working_short_side(self.data_config, self.resize_mode))
+        dataset = ImageDataset([s.path for s in mine], [s.label for s in mine], self.preprocessing.eval_transform(),
+                               min_short_side=self.preprocessing.decode_short_side)
         workers = 0 if len(mine) <= size else self.workers  # one batch gains nothing from worker start-up
         return make_loader(dataset, size, workers=workers, device=self.device)
 
@@ -256,7 +256,7 @@ def _merged_batches(model, factory: _LoaderFactory, device, dim: int, **embed_kw
                 yield block
 
 
-def _metadata(model, data_config, index, *, weights, split, pool, layer, tta, dtype, resize_mode, dim, rows) -> dict:
+def _metadata(model, preprocessing, index, *, weights, split, pool, layer, tta, dtype, dim, rows) -> dict:
     from transferkit.models.backbones import backbone_identity
 
     identity = backbone_identity(model)
@@ -266,8 +266,7 @@ def _metadata(model, data_config, index, *, weights, split, pool, layer, tta, dt
         "model_kwargs": identity["model_kwargs"],
         "weights": identity["weights"],
         "weights_file": str(Path(weights).resolve()) if weights else None,
-        "data_config": data_config,
-        "resize_mode": resize_mode,
+        **preprocessing.to_metadata(),
         "pool": pool,
         "layer": None if layer is None else str(layer),
         "tta": tta,
@@ -286,7 +285,8 @@ def _check_choices(*, out: Path, split, pool, tta, dtype, batch_size, chunk_rows
         raise TransferkitError(f"--out {out} must end in .parquet or .npz")
     for name, value, allowed in (("split", split, FEATURE_SPLITS), ("pool", pool, POOLS), ("tta", tta, FEATURE_TTA_MODES),
                                  ("dtype", dtype, FEATURE_DTYPES), ("resize mode", resize_mode, RESIZE_MODES)):
-        check_choice(name, value, allowed)
+        if value is not None or name != "resize mode":  # no resize mode: the backbone's own
+            check_choice(name, value, allowed)
     for name, value in (("batch size", batch_size), ("chunk rows", chunk_rows)):
         if int(value) < 1:
             raise TransferkitError(f"{name} must be at least 1, got {value}")
@@ -463,7 +463,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 
 def feature_identity(metadata: Mapping) -> dict:
-    return {key: metadata.get(key) for key in IDENTITY_KEYS}
+    from transferkit.models.preprocessing import Preprocessing
+
+    return {**{key: metadata.get(key) for key in IDENTITY_KEYS}, **Preprocessing.from_metadata(metadata).to_metadata()}
 
 
 def check_same_features(expected: Mapping, found: Mapping, found_name: str) -> None:

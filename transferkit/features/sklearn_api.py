@@ -43,7 +43,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def __init__(self, backbone: str = "tf_efficientnet_lite0", weights=None, weights_config=None,
                  pretrained: bool = True, pool: str = "avg", layer=None, tta: str = "none", batch_size: int = 32,
-                 resize_mode: str = "crop", device: str = "cpu", amp: bool = True):
+                 resize_mode: str | None = None, device: str = "cpu", amp: bool = True):
         self.backbone = backbone
         self.weights = weights
         self.weights_config = weights_config
@@ -59,18 +59,16 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     def fit(self, X=None, y=None):
         from transferkit.core.runtime import prepare_model, select_device
         from transferkit.features.extract import build_feature_model, check_pool, feature_dim, resolve_layer
-        from transferkit.models.preprocessing import build_eval_transform, working_short_side
 
         self._check_params()
         self.device_ = select_device(self.device)
-        model, self.data_config_ = build_feature_model(
+        model, self.preprocessing_ = build_feature_model(
             self.backbone, weights=self.weights, weights_config=self.weights_config, pretrained=self.pretrained,
+            resize_mode=self.resize_mode,
         )
         self.layer_index_ = resolve_layer(model, self.layer)
         check_pool(model, self.pool, self.layer_index_)
         self.model_ = prepare_model(model, self.device_).eval()
-        self.transform_ = build_eval_transform(self.data_config_, self.resize_mode)
-        self.min_short_side_ = working_short_side(self.data_config_, self.resize_mode)
         self.n_features_out_ = feature_dim(self.model_, self.pool, self.layer_index_, self.tta)
         return self
 
@@ -98,14 +96,13 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         return tags
 
     def _batches(self, images: list) -> Iterator[tuple]:
-        from transferkit.data.dataset import preprocessed_batches
-
-        for batch in preprocessed_batches(images, self.transform_, int(self.batch_size), self.min_short_side_):
+        for batch in self.preprocessing_.batches(images, int(self.batch_size)):
             yield batch, np.full(len(batch), -1)
 
     def _check_params(self) -> None:
         for name, allowed in (("pool", POOLS), ("tta", FEATURE_TTA_MODES), ("resize_mode", RESIZE_MODES)):
-            check_choice(f"FeatureExtractor {name}", getattr(self, name), allowed)
+            if name != "resize_mode" or self.resize_mode is not None:  # None: the backbone's own
+                check_choice(f"FeatureExtractor {name}", getattr(self, name), allowed)
         if int(self.batch_size) < 1:
             raise TransferkitError(f"FeatureExtractor batch_size={self.batch_size}; use at least 1")
 

@@ -3,7 +3,8 @@
 A backbone comes with the preprocessing it was trained with (mean, std, size, interpolation, crop).
 That data config is resolved here, by timm, from the model's pretrained config, then overlaid by what
 the weights file states (a transferkit checkpoint's metadata, or a sidecar JSON) and finally by the
-user's explicit overrides. Nothing downstream hard-codes ImageNet statistics.
+user's explicit overrides, into one :class:`~transferkit.models.preprocessing.Preprocessing`. Nothing
+downstream hard-codes ImageNet statistics.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from timm.data import resolve_model_data_config
 
 from transferkit.core.fileio import sha256_file
 from transferkit.errors import TransferkitError
+from transferkit.models.preprocessing import Preprocessing
 from transferkit.models.saved_model import read_checkpoint_metadata
 
 WEIGHTS_DIR_ENV = "TRANSFERKIT_WEIGHTS_DIR"
@@ -36,15 +38,18 @@ def load_backbone(
     *,
     weights_config: str | os.PathLike | Mapping | None = None,
     data_overrides: Mapping[str, Any] | None = None,
+    resize_mode: str | None = None,
     **model_kwargs,
-):
-    """Build ``name`` with pretrained weights and return ``(model, data_config)``.
+) -> tuple[torch.nn.Module, Preprocessing]:
+    """Build ``name`` with pretrained weights and return ``(model, preprocessing)``.
 
     ``num_classes=None`` keeps the pretrained classifier, ``0`` gives a pooled feature extractor,
     any other value a freshly initialised head. Weight sources, in order: ``weights`` (a file),
     ``$TRANSFERKIT_WEIGHTS_DIR/<name>.safetensors``, timm's hub path. ``weights_config`` (a JSON path
     or dict with ``model_kwargs`` and ``data_config``) states what a bare weights file needs;
     ``data_overrides`` (mean, std, input_size/img_size, interpolation, crop_pct, crop_mode) win over all.
+    ``resize_mode`` (crop, squash, letterbox) overrides the crop mode; None keeps the one the weights state
+    (a checkpoint's), else the backbone's own.
     """
     if not timm.is_model(name):
         raise TransferkitError(f"unknown backbone {name!r}; run `transferkit backbones '*{name[:4]}*'` to list names")
@@ -67,13 +72,14 @@ def load_backbone(
         else:
             identity = "random-init"
     data_config = resolve_data_config(model, {**stated.get("data_config", {}), **dict(data_overrides or {})})
-    model.pretrained_cfg = {**model.pretrained_cfg, **data_config}
+    preprocessing = Preprocessing.resolve(data_config, resize_mode or stated.get("resize_mode"))
+    model.pretrained_cfg = {**model.pretrained_cfg, **preprocessing.data_config}
     model.transferkit_info = {"backbone": name, "model_kwargs": kwargs, "weights": identity}
-    return model, data_config
+    return model, preprocessing
 
 
 def resolve_data_config(model: torch.nn.Module, overrides: Mapping[str, Any] | None = None) -> dict:
-    """timm's data config for ``model`` as plain JSON types, with validated ``overrides`` applied."""
+    """timm's data config for ``model`` with ``overrides`` applied (checked by :meth:`Preprocessing.resolve`)."""
     config = dict(resolve_model_data_config(model))
     for key, value in (overrides or {}).items():
         if key == "img_size":
@@ -81,14 +87,7 @@ def resolve_data_config(model: torch.nn.Module, overrides: Mapping[str, Any] | N
         if key not in DATA_CONFIG_KEYS:
             raise TransferkitError(f"unknown data config key {key!r}; use one of {', '.join(DATA_CONFIG_KEYS)}")
         config[key] = value
-    config = {key: config[key] for key in DATA_CONFIG_KEYS}
-    config["input_size"] = [int(v) for v in config["input_size"]]
-    config["mean"] = [float(v) for v in config["mean"]]
-    config["std"] = [float(v) for v in config["std"]]
-    config["crop_pct"] = float(config["crop_pct"])
-    if len(config["mean"]) != 3 or len(config["std"]) != 3 or min(config["std"]) <= 0:
-        raise TransferkitError(f"data config needs 3 means and 3 positive stds, got mean={config['mean']} std={config['std']}")
-    return config
+    return {key: config.get(key) for key in DATA_CONFIG_KEYS}
 
 
 def backbone_identity(model: torch.nn.Module) -> dict:
@@ -102,14 +101,14 @@ def list_backbones(pattern: str = "", pretrained: bool = False) -> list[str]:
 
 def backbone_info(name: str, **load_kwargs) -> dict:
     """Parameter count, feature dimension and data config, for `transferkit backbones info`."""
-    model, data_config = load_backbone(name, num_classes=0, **load_kwargs)
+    model, preprocessing = load_backbone(name, num_classes=0, **load_kwargs)
     return {
         "backbone": name,
         "params": sum(p.numel() for p in model.parameters()),
         "feature_dim": int(model.num_features),
         "weights": backbone_identity(model)["weights"],
         "model_kwargs": backbone_identity(model)["model_kwargs"],
-        "data_config": data_config,
+        "data_config": preprocessing.data_config,
     }
 
 
@@ -213,7 +212,11 @@ def _stated_config(source, weights_config) -> dict:
     """What a weights file says about itself: checkpoint metadata, sidecar JSON, explicit config."""
     stated: dict = {}
     if isinstance(source, Path):
-        stated.update(read_checkpoint_metadata(source))
+        metadata = read_checkpoint_metadata(source)
+        stated.update(metadata)
+        if metadata:
+            preprocessing = Preprocessing.from_metadata(metadata)
+            stated.update(data_config=preprocessing.data_config, resize_mode=preprocessing.resize_mode)
         for sidecar in (source.with_name(source.name + ".json"), source.with_suffix(".json")):
             if sidecar.is_file():
                 stated.update(_read_json(sidecar))
@@ -222,7 +225,7 @@ def _stated_config(source, weights_config) -> dict:
         stated.update(weights_config)
     elif weights_config is not None:
         stated.update(_read_json(Path(weights_config)))
-    return {key: stated[key] for key in ("backbone", "model_kwargs", "data_config") if key in stated}
+    return {key: stated[key] for key in ("backbone", "model_kwargs", "data_config", "resize_mode") if key in stated}
 
 
 def _read_json(path: Path) -> dict:

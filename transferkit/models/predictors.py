@@ -15,7 +15,7 @@ import torch
 
 from transferkit.errors import TransferkitError
 from transferkit.models.backbones import load_backbone
-from transferkit.models.preprocessing import build_eval_transform, working_short_side
+from transferkit.models.preprocessing import Preprocessing
 from transferkit.models.saved_model import find_checkpoint, read_checkpoint_metadata
 
 
@@ -39,12 +39,8 @@ class Predictor:
     def __init__(self, metadata: Mapping, device: torch.device):
         self.metadata = dict(metadata)
         self.class_names: list[str] = list(metadata["class_names"])
-        self.data_config: dict = dict(metadata["data_config"])
-        self.resize_mode: str = metadata.get("resize_mode", "crop")
+        self.preprocessing = Preprocessing.from_metadata(metadata)
         self.device = device
-
-    def eval_transform(self):
-        return build_eval_transform(self.data_config, self.resize_mode)
 
     def predict_proba_tensor(self, batch: torch.Tensor) -> np.ndarray:
         """Probabilities for an already preprocessed NCHW batch."""
@@ -52,11 +48,7 @@ class Predictor:
 
     def predict_proba(self, images, batch_size: int = 32) -> np.ndarray:
         """Probabilities for uint8 HWC arrays or image paths, in order."""
-        from transferkit.data.dataset import preprocessed_batches
-
-        short_side = working_short_side(self.data_config, self.resize_mode)  # the same draft decode as validation
-        out = [self.predict_proba_tensor(batch)
-               for batch in preprocessed_batches(list(images), self.eval_transform(), batch_size, short_side)]
+        out = [self.predict_proba_tensor(batch) for batch in self.preprocessing.batches(list(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
 
 
@@ -71,10 +63,8 @@ class ClassifierPredictor(Predictor):
 
     @classmethod
     def from_checkpoint(cls, path: Path, metadata: Mapping, device: torch.device) -> ClassifierPredictor:
-        model, _ = load_backbone(
-            metadata["backbone"], weights=path, num_classes=len(metadata["class_names"]),
-            data_overrides=metadata["data_config"], **metadata.get("model_kwargs", {}),
-        )
+        model, _ = load_backbone(metadata["backbone"], weights=path, num_classes=len(metadata["class_names"]),
+                                 **metadata.get("model_kwargs", {}))
         return cls(model, metadata, device)
 
     @property

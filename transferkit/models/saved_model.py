@@ -2,8 +2,9 @@
 
 A checkpoint is ``<stem>.safetensors`` (weights, with the metadata JSON also in its header) plus
 ``<stem>.json`` (the same metadata, readable by people). The metadata holds the backbone name, model
-kwargs, class names, data config and resize mode, so evaluate / predict / export / the MLflow model
-need no flags about preprocessing. Kinds:
+kwargs, class names and the model's preprocessing (timm's data config, whose ``crop_mode`` is the resize
+mode; see :class:`transferkit.models.preprocessing.Preprocessing`, which also reads the older ``data_config`` +
+``resize_mode`` pair), so evaluate / predict / export / the MLflow model need no flags about preprocessing. Kinds:
 
 - ``classifier``: a finetuned timm model with its own head (``transferkit finetune``).
 - ``svm``: a frozen backbone (``num_classes=0``) + a scikit-learn head stored beside it
@@ -16,6 +17,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
@@ -24,13 +26,16 @@ from transferkit import __version__
 from transferkit.core.fileio import atomic_path, write_json
 from transferkit.errors import TransferkitError
 
+if TYPE_CHECKING:
+    from transferkit.models.preprocessing import Preprocessing
+
 FORMAT = "transferkit-model"
 CHECKPOINT_NAMES = ("best", "model", "last")
 CHECKPOINT_METADATA_KEY = "transferkit"
 
 
-def checkpoint_metadata(model: torch.nn.Module, *, kind: str, class_names, data_config: Mapping,
-                        resize_mode: str = "crop", **extra) -> dict:
+def checkpoint_metadata(model: torch.nn.Module, *, kind: str, class_names, preprocessing: Preprocessing,
+                        **extra) -> dict:
     """Metadata for a checkpoint of ``model`` (built by :func:`transferkit.models.backbones.load_backbone`)."""
     info = getattr(model, "transferkit_info", None)
     if not info:
@@ -43,8 +48,7 @@ def checkpoint_metadata(model: torch.nn.Module, *, kind: str, class_names, data_
         "pretrained_weights": info["weights"],
         "class_names": list(class_names),
         "num_classes": len(class_names) if kind == "classifier" else 0,
-        "data_config": dict(data_config),
-        "resize_mode": resize_mode,
+        **preprocessing.to_metadata(),
         "transferkit_version": __version__,
         **extra,
     }

@@ -1,4 +1,5 @@
-"""PNG figures for runs and evaluations: confusion matrix, reliability, worst errors, curves, filters.
+"""PNG figures for runs and evaluations: confusion matrix, reliability, worst errors, curves, filters,
+augmentation previews.
 
 Figures are built on :class:`matplotlib.figure.Figure` with the Agg canvas (no pyplot state, no display,
 safe in worker threads) and written through :func:`transferkit.core.fileio.atomic_path`.
@@ -264,6 +265,55 @@ def class_map_png(view: np.ndarray, class_map: np.ndarray, class_names: Sequence
               loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9, frameon=False)
     ax.set_title(title, fontsize=10)
     return _save(fig, out)
+
+
+def augmentation_preview_png(index_or_path, aug, preprocessing, out: str | os.PathLike, n: int = 16,
+                             seed: int = 0) -> Path:
+    """A grid of ``n`` augmented training samples captioned with their class, to eyeball a pipeline.
+
+    ``preprocessing`` (:class:`transferkit.models.preprocessing.Preprocessing`) supplies the fit to the input
+    and its inverse normalisation, so the tiles are exactly what the model is trained on.
+    """
+    from PIL import Image
+
+    from transferkit.data.decode import load_image
+    from transferkit.data.discover import DatasetIndex, discover
+    from transferkit.errors import TransferkitError
+
+    if n < 1:
+        raise TransferkitError(f"-n must be at least 1, got {n}")
+    index = index_or_path if isinstance(index_or_path, DatasetIndex) else discover(index_or_path, val_ratio=0.0)
+    samples = index.split("train") or index.samples
+    transform = preprocessing.train_transform(aug)
+    transform.set_random_seed(seed)
+    picks = np.random.default_rng(seed).choice(len(samples), size=n, replace=len(samples) < n)
+    tiles = []
+    for i in picks:
+        sample = samples[int(i)]
+        image = transform(load_image(sample.path, preprocessing.decode_short_side))
+        tiles.append((Image.fromarray(preprocessing.denormalize(image)), index.classes[sample.label]))
+    canvas = _tile_grid(tiles)
+    with atomic_path(out) as tmp:
+        canvas.save(tmp, format="PNG")
+    return Path(out)
+
+
+def _tile_grid(tiles: list, min_tile: int = 160, caption: int = 18, gap: int = 4):
+    from PIL import Image, ImageDraw, ImageFont
+
+    columns = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / columns)
+    width, height = tiles[0][0].size
+    zoom = max(1, math.ceil(min_tile / max(width, height)))  # tiny inputs are enlarged so captions fit
+    cell_w, cell_h = width * zoom, height * zoom + caption
+    canvas = Image.new("RGB", (columns * (cell_w + gap) + gap, rows * (cell_h + gap) + gap), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=caption - 4)
+    for k, (tile, label) in enumerate(tiles):
+        x, y = gap + (k % columns) * (cell_w + gap), gap + (k // columns) * (cell_h + gap)
+        canvas.paste(tile.resize((cell_w, height * zoom), Image.NEAREST), (x, y + caption))
+        draw.text((x + 2, y + 1), label, fill=(0, 0, 0), font=font)
+    return canvas
 
 
 def _figure(width: float, height: float) -> Figure:

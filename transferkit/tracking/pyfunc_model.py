@@ -104,9 +104,9 @@ def model_signature() -> ModelSignature:
     )
 
 
-def example_input(data_config) -> pd.DataFrame:
+def example_input(preprocessing) -> pd.DataFrame:
     """A small grey PNG at the model's input size: a valid request that documents the format."""
-    _, height, width = data_config["input_size"]
+    height, width = preprocessing.input_hw
     buffer = io.BytesIO()
     Image.new("RGB", (int(width), int(height)), (128, 128, 128)).save(buffer, format="PNG")
     return pd.DataFrame({INPUT_COLUMN: [buffer.getvalue()]})
@@ -117,14 +117,13 @@ def log_model(checkpoint_path: str | os.PathLike, *, name: str = MODEL_ARTIFACT,
 
     ``register`` also registers it under that name in the model registry.
     """
-    from transferkit.models.saved_model import (
-        find_checkpoint,
-        read_checkpoint_metadata,  # torch: imported only when logging
-    )
+    from transferkit.models.preprocessing import Preprocessing  # torch: imported only when logging
+    from transferkit.models.saved_model import find_checkpoint, read_checkpoint_metadata
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # MLflow's input-example check downloads
     checkpoint = find_checkpoint(checkpoint_path)
     metadata = read_checkpoint_metadata(checkpoint)
+    preprocessing = Preprocessing.from_metadata(metadata)
     with tempfile.TemporaryDirectory(prefix="transferkit-model-") as tmp:
         folder = stage_checkpoint(checkpoint, metadata, Path(tmp) / MODEL_ARTIFACT)
         return mlflow.pyfunc.log_model(
@@ -133,10 +132,11 @@ def log_model(checkpoint_path: str | os.PathLike, *, name: str = MODEL_ARTIFACT,
             artifacts={MODEL_ARTIFACT: str(folder)},
             code_paths=[str(PACKAGE_DIR)],
             signature=model_signature(),
-            input_example=example_input(metadata["data_config"]),
+            input_example=example_input(preprocessing),
             pip_requirements=pip_requirements(),
             registered_model_name=register,
-            metadata={"transferkit": {k: metadata.get(k) for k in ("kind", "backbone", "class_names", "resize_mode")}},
+            metadata={"transferkit": {**{k: metadata.get(k) for k in ("kind", "backbone", "class_names")},
+                                      "resize_mode": preprocessing.resize_mode}},
         )
 
 

@@ -101,7 +101,8 @@ class TrainConfig:
     # data pipeline
     aug: str | None = setting(None, f"Augmentation preset ({', '.join(choices.AUG_PRESETS)}) or albumentations YAML; "
                                     "unset: none for linear-probe (features cached once), light otherwise.")
-    resize_mode: str = setting("crop", "How images fit the input: crop, squash or letterbox.")
+    resize_mode: str | None = setting(None, "How images fit the input: crop, squash or letterbox; unset: the "
+                                            "backbone's own (timm's crop_mode: crop for most).")
     cache: str = setting("none", "Keep decoded images between epochs: none, memory or disk.")
     workers: int | None = setting(None, "Data loading processes (default: CPU count - 1, at most 8).")
     # runtime
@@ -192,7 +193,8 @@ def read_recipe(path: str | os.PathLike) -> dict:
 def validate(config: TrainConfig) -> None:
     """Reject values that would fail (or silently misbehave) later, naming the key."""
     for key, allowed in CHOICE_KEYS.items():
-        if key != "strategy" and getattr(config, key) not in allowed:
+        optional_unset = key == "resize_mode" and config.resize_mode is None  # the backbone's own
+        if key != "strategy" and not optional_unset and getattr(config, key) not in allowed:
             _bad(key, getattr(config, key), f"use one of {', '.join(allowed)}")
     from transferkit.data.augment import preset_path
 

@@ -121,7 +121,7 @@ class _Run:
         self.index = self._discover()
         self.fingerprint = self.index.fingerprint()  # stats every file: once per run, not per checkpoint
         self.classes = self.index.classes
-        self.model, self.data_config = self._load_model()
+        self.model, self.preprocessing = self._load_model()
         self.run_dir = self._run_dir(resume) if folder else None
         self.phases = phases(config)
         self.history: list[dict] = []
@@ -173,15 +173,15 @@ class _Run:
                 f"({', '.join(stated['class_names'])}) but the data has {len(self.classes)}; "
                 "pass the backbone's pretrained weights instead")
         overrides = {"img_size": config.img_size} if config.img_size else None
-        model, data_config = load_backbone(
+        model, preprocessing = load_backbone(
             config.backbone, weights=config.weights, num_classes=len(self.classes), pretrained=config.pretrained,
-            weights_config=config.weights_config, data_overrides=overrides,
+            weights_config=config.weights_config, data_overrides=overrides, resize_mode=config.resize_mode,
         )
         if self.state is not None:
             model.load_state_dict(self.state["model"])
         elif stated.get("kind") != "classifier":  # a transferkit classifier brings its trained head along
             reset_head(model)
-        return model, data_config
+        return model, preprocessing
 
     def _run_dir(self, resume) -> Path:
         if resume is not None:
@@ -262,18 +262,16 @@ class _Run:
 
     def _build_data(self) -> None:
         """Image loaders, or — for a linear probe without train-time augmentation — cached features."""
-        from transferkit.data.augment import build_train_transform
         from transferkit.data.cache import build_cache
         from transferkit.data.dataset import ImageDataset
-        from transferkit.models.preprocessing import build_eval_transform, working_short_side
 
         config = self.config
         world = distributed.world_size()
         train, val = self.index.split("train"), self.index.split("val")
         self.train_labels = np.array([s.label for s in train])
-        short_side = working_short_side(self.data_config, config.resize_mode)
-        cache = build_cache(config.cache, interpolation=self.data_config["interpolation"])
-        eval_transform = build_eval_transform(self.data_config, config.resize_mode)
+        short_side = self.preprocessing.decode_short_side
+        cache = build_cache(config.cache, interpolation=self.preprocessing.interpolation)
+        eval_transform = self.preprocessing.eval_transform()
 
         def images(samples, transform):
             return ImageDataset([s.path for s in samples], [s.label for s in samples], transform,
@@ -291,7 +289,7 @@ class _Run:
             if config.parsed_strategy.name == "linear-probe":
                 self._say(f"linear probe with aug {config.aug!r}: the frozen backbone runs every epoch "
                           "(leave aug unset for features extracted once)")
-            train_set = images(train, build_train_transform(self.data_config, config.aug, config.resize_mode))
+            train_set = images(train, self.preprocessing.train_transform(config.aug))
             self.forward = self.model
             if config.sync_bn and world > 1:
                 from timm.layers import convert_sync_batchnorm
@@ -334,8 +332,8 @@ class _Run:
         from transferkit.models.backbones import backbone_identity
 
         metadata = read_metadata(self.features_file)
-        expected = {**backbone_identity(self.model), "data_config": self.data_config, "pool": own_pool(self.model),
-                    "layer": None, "tta": "none", "resize_mode": self.config.resize_mode}
+        expected = {**backbone_identity(self.model), **self.preprocessing.to_metadata(), "pool": own_pool(self.model),
+                    "layer": None, "tta": "none"}
         differ = [key for key, value in expected.items() if json.dumps(metadata.get(key)) != json.dumps(value)]
         if metadata["dataset"]["fingerprint"] != self.fingerprint:
             differ.append("dataset")
@@ -665,15 +663,15 @@ class _Run:
         self.tracker.log_dataset(self.index, context="training")
         self.tracker.set_description(f"**{self.config.backbone} · {self.config.strategy} on "
                                      f"{Path(self.index.root).name}**: training (summary when the run ends)\n")
-        self.tracker.log_params({"data_config": self.data_config, "classes": self.classes,
+        self.tracker.log_params({"data_config": self.preprocessing.data_config, "classes": self.classes,
                                  "counts": self.index.counts()})
 
     def _write_review(self) -> dict:
         """What a reviewer judges the run by, in the run folder and in MLflow: the best checkpoint's report on
         the val split it trained with (``val/``), the augmentation preview and the dataset check."""
-        from transferkit.data.augment import preview_grid
         from transferkit.data.check import check_dataset
         from transferkit.models.predictors import load_predictor
+        from transferkit.reports.plots import augmentation_preview_png
         from transferkit.use.evaluate import evaluate_samples
 
         config = self.config
@@ -687,9 +685,9 @@ class _Run:
         # val_accuracy/val_macro_f1 were logged with the best epoch; logged again they would be a second point
         self.tracker.log_evaluation({k: v for k, v in report.items() if k not in CHECKPOINT_COLUMNS},
                                     artifacts_dir=folder, step=self.best["epoch"])
-        preview = preview_grid(self.index, config.aug, self.data_config, n=16, seed=config.seed,
-                               out=self.run_dir / "augment_preview.png", resize_mode=config.resize_mode)
-        check = check_dataset(self.index, min_side=min(self.data_config["input_size"][1:]))
+        preview = augmentation_preview_png(self.index, config.aug, self.preprocessing,
+                                           self.run_dir / "augment_preview.png", n=16, seed=config.seed)
+        check = check_dataset(self.index, min_side=min(self.preprocessing.input_hw))
         write_json(self.run_dir / "data_check.json", check.to_dict())
         for path in (preview, self.run_dir / "data_check.json"):
             self.tracker.log_artifact(path)
@@ -702,8 +700,8 @@ class _Run:
     def _save_model(self, stem: str, row: dict, model: nn.Module | None = None, **extra) -> None:
         """Checkpoint ``stem`` of the epoch ``row``: ``model`` (default: the model training), ``extra`` metadata."""
         metadata = checkpoint_metadata(
-            self.model, kind="classifier", class_names=self.classes, data_config=self.data_config,
-            resize_mode=self.config.resize_mode, recipe=self.config.to_dict(), split=self.index.records(),
+            self.model, kind="classifier", class_names=self.classes, preprocessing=self.preprocessing,
+            recipe=self.config.to_dict(), split=self.index.records(),
             epoch=row["epoch"], metrics=row, dataset_fingerprint=self.fingerprint, **extra,
         )
         save_checkpoint(self.run_dir / stem, model or self.model, metadata)

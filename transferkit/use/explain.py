@@ -66,7 +66,6 @@ class ClassActivationMaps:
 
     def __init__(self, predictor, method: str = "gradcam", target_layer: str | None = None):
         from transferkit.models.predictors import ClassifierPredictor
-        from transferkit.models.preprocessing import eval_resize
 
         check_choice("CAM method", method, CAM_METHODS)
         if not isinstance(predictor, ClassifierPredictor):
@@ -80,19 +79,19 @@ class ClassActivationMaps:
         layer = _submodule(model, self.layer_name)
         if reshape is None and target_layer is not None and is_token_model(model):
             reshape = _token_grid_reshape(model)
-        self._resize = _compose(eval_resize(predictor.data_config, predictor.resize_mode))
-        self._transform = predictor.eval_transform()
+        self._transform = predictor.preprocessing.eval_transform()
         self._cam = _cam_class(method)(model=model, target_layers=[layer], reshape_transform=reshape)
 
     def __call__(self, image: np.ndarray, target: int | None = None) -> CamResult:
         """The map for class ``target`` (default: the predicted class) of one uint8 RGB image."""
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        batch = self._transform(image=image)["image"].unsqueeze(0).to(self.predictor.device)
+        tensor = self._transform(image)
+        batch = tensor.unsqueeze(0).to(self.predictor.device)
         heatmap = self._cam(input_tensor=batch, targets=None if target is None else [ClassifierOutputTarget(target)])[0]
         logits = self._cam.outputs.detach().float()[0]  # the CAM's own forward pass
         probabilities = (logits / self.predictor.temperature).softmax(-1).cpu().numpy()
-        return CamResult(self._resize(image=image)["image"], heatmap, probabilities,
+        return CamResult(self.predictor.preprocessing.denormalize(tensor), heatmap, probabilities,  # the pixels seen
                          int(probabilities.argmax()) if target is None else target)
 
     def close(self) -> None:
@@ -166,12 +165,6 @@ def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
         raise TransferkitError(
             f"model has no module {name!r}; use a dotted name from model.named_modules(), e.g. {', '.join(candidates[-4:])}"
         ) from None
-
-
-def _compose(steps):
-    import albumentations as A
-
-    return A.Compose(steps)
 
 
 def unique_stems(paths: Sequence[Path]) -> list[str]:

@@ -1,7 +1,7 @@
 """Export a finetuned classifier to ONNX or TorchScript, checked against torch on real images.
 
 The exported graph takes the normalized ``[N, 3, H, W]`` float tensor and returns logits; everything
-needed to produce that tensor (data config, resize mode) and to read the logits (class names) goes into
+needed to produce that tensor (timm data config, resize mode, the eval steps) and to read the logits (class names) goes into
 a JSON beside the model (``<out>.json``). The file is only put in place when the exported model
 reproduces torch's logits within :data:`PARITY_TOLERANCE` on the check images.
 
@@ -111,14 +111,14 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
             "format": format,
             "file": out.name,
             "sha256": sha256_file(tmp),
-            "input": {"name": INPUT_NAME, "shape": ["batch" if dynamic_batch else 1, *predictor.data_config["input_size"]],
+            "input": {"name": INPUT_NAME, "shape": ["batch" if dynamic_batch else 1, *predictor.preprocessing.input_size],
                       "dtype": "float32", "layout": "NCHW, RGB, normalized with data_config mean/std"},
             "output": {"name": OUTPUT_NAME, "meaning": "logits; softmax(logits / temperature) gives class probabilities",
                        "temperature": predictor.metadata.get("temperature", 1.0)},
             "class_names": predictor.class_names,
-            "data_config": predictor.data_config,
-            "resize_mode": predictor.resize_mode,
-            "preprocessing": preprocessing_steps(predictor.data_config, predictor.resize_mode),
+            "data_config": predictor.preprocessing.data_config,
+            "resize_mode": predictor.preprocessing.resize_mode,
+            "preprocessing": predictor.preprocessing.export_steps(),
             "backbone": predictor.metadata.get("backbone"),
             "source_checkpoint_sha256": sha256_file(checkpoint),
             "exporter": f"torch {torch.__version__} " + ("torch.onnx.export(dynamo=True)" if format == "onnx" else "torch.jit.trace"),
@@ -176,20 +176,12 @@ def sidecar_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".json")
 
 
-def preprocessing_steps(data_config, resize_mode: str) -> list[str]:
-    """The eval transform in words, for runtimes that re-implement it."""
-    from transferkit.models.preprocessing import eval_resize, normalize_to_tensor
-
-    return [type(step).__name__ + _step_args(step)
-            for step in (*eval_resize(data_config, resize_mode), *normalize_to_tensor(data_config))]
-
-
 def check_batch(predictor, check_images: Sequence | None) -> torch.Tensor:
     """The model's eval transform applied to the check images, or to generated ones (noise, gradients)."""
     from transferkit.data import load_image
     from transferkit.use.predict import expand_inputs
 
-    transform = predictor.eval_transform()
+    transform = predictor.preprocessing.eval_transform()
     if check_images:
         images = [load_image(p) for p in expand_inputs(check_images)[:16]]
     else:
@@ -198,7 +190,7 @@ def check_batch(predictor, check_images: Sequence | None) -> torch.Tensor:
         images = [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8),
                   np.stack([np.tile(ramp, (240, 1))] * 3, axis=-1).astype(np.uint8)]
         images += [rng.integers(0, 256, (200 + 40 * i, 180, 3), dtype=np.uint8) for i in range(GENERATED_CHECK_IMAGES - 2)]
-    return torch.stack([transform(image=image)["image"] for image in images]).float()
+    return torch.stack([transform(image) for image in images]).float()
 
 
 def _export_onnx(model, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int | None) -> None:
@@ -255,7 +247,3 @@ def _default_out(model_spec, checkpoint: Path, format: str, precision: str = "fp
     folder = Path.cwd() if "://" in str(model_spec) or str(model_spec).startswith(("runs:/", "models:/")) else checkpoint.parent
     return folder / (checkpoint.stem + ("" if precision == "fp32" else f".{precision}") + SUFFIXES[format])
 
-
-def _step_args(step) -> str:
-    args = {k: v for k, v in step.get_transform_init_args().items() if k not in ("p", "always_apply")}
-    return "(" + ", ".join(f"{k}={v}" for k, v in args.items()) + ")"

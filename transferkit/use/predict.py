@@ -2,13 +2,13 @@
 
 Inputs are files, folders (searched recursively for images) and glob patterns. A file that cannot be
 decoded becomes a row with an ``error`` instead of stopping the batch. Test-time augmentation averages
-the class probabilities over the views built by :func:`transferkit.data.augment.build_tta_transform`.
+the class probabilities over the views of the model's preprocessing (:meth:`Preprocessing.tta_views
+<transferkit.models.preprocessing.Preprocessing.tta_views>`).
 """
 
 from __future__ import annotations
 
 import glob
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -81,17 +81,11 @@ def predict_paths(predictor, paths: Sequence[str | os.PathLike], tta: str = "non
     """
     from tqdm.auto import tqdm
 
-    from transferkit.data.augment import MIN_ENLARGE, build_tta_transform, tta_predict_proba
     from transferkit.data.dataset import make_loader
-    from transferkit.models.preprocessing import working_short_side
 
     _check_batch_size(batch_size)
-    check_tta(tta)
-    views = build_tta_transform(predictor.data_config, predictor.resize_mode, tta)
-    short_side = working_short_side(predictor.data_config, predictor.resize_mode)
-    if tta in ("five-crop", "ten-crop"):  # their views are cut from a fit enlarged by up to MIN_ENLARGE
-        short_side = math.ceil(short_side * MIN_ENLARGE)
-    dataset = _ViewsDataset(paths, views, short_side)
+    views = predictor.preprocessing.tta_views(tta)
+    dataset = _ViewsDataset(paths, views, views.decode_short_side)
     loader = make_loader(dataset, batch_size, workers=workers, device=predictor.device)
     probs = np.full((len(paths), len(predictor.class_names)), np.nan, dtype=np.float32)
     errors: list[str] = []
@@ -100,11 +94,20 @@ def predict_paths(predictor, paths: Sequence[str | os.PathLike], tta: str = "non
         for batch, batch_errors in loader:
             ok = [i for i, error in enumerate(batch_errors) if not error]
             if ok:
-                probs[[start + i for i in ok]] = tta_predict_proba(predictor.predict_proba_tensor, batch[ok])
+                probs[[start + i for i in ok]] = average_over_views(predictor.predict_proba_tensor, batch[ok])
             errors.extend(batch_errors)
             start += len(batch_errors)
             bar.update(len(batch_errors))
     return probs, errors
+
+
+def average_over_views(predict_proba_tensor: Callable[[torch.Tensor], np.ndarray], batch: torch.Tensor) -> np.ndarray:
+    """Probabilities averaged over views for a ``[B, K, 3, H, W]`` batch (a plain ``[B, 3, H, W]`` passes through)."""
+    if batch.ndim == 4:
+        return predict_proba_tensor(batch)
+    n, views = batch.shape[:2]
+    probs = predict_proba_tensor(batch.flatten(0, 1))
+    return probs.reshape(n, views, -1).mean(axis=1)
 
 
 def prediction_rows(paths: Sequence, probs: np.ndarray, errors: Sequence[str], class_names: Sequence[str],

@@ -1,0 +1,184 @@
+"""The Preprocessing object: resolved once, saved with every model, and the one source of every transform.
+
+Parity: the eval transform must give the features timm's own eval transform gives for the same data config
+(``timm.data.create_transform(**data_config, is_training=False)`` on a fully decoded PIL image).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_ROADS, SHARED_WEIGHTS, requires_shared_roads, requires_shared_weights
+from PIL import Image
+
+from transferkit.choices import AUG_PRESETS, RESIZE_MODES, TTA_MODES
+from transferkit.data.decode import load_image
+from transferkit.errors import TransferkitError
+from transferkit.models.preprocessing import Preprocessing
+
+# Deliberately not ImageNet statistics and not square, so a hard-coded mean/std or size would show.
+CONFIG = {"input_size": [3, 48, 64], "interpolation": "bicubic", "mean": [0.2, 0.4, 0.6], "std": [0.1, 0.2, 0.3],
+          "crop_pct": 0.875, "crop_mode": "center"}
+SQUARE = {**CONFIG, "input_size": [3, 64, 64]}
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+
+
+def _timm_eval(preprocessing: Preprocessing):
+    from timm.data import create_transform
+
+    return create_transform(**preprocessing.data_config, is_training=False)
+
+
+def test_resize_modes_map_onto_timms_crop_mode():
+    assert [Preprocessing.resolve(CONFIG, mode).crop_mode for mode in RESIZE_MODES] == ["center", "squash", "border"]
+    assert Preprocessing.resolve(CONFIG).resize_mode == "crop"  # None: the config's own mode
+    own_squash = Preprocessing.resolve({**CONFIG, "crop_mode": "squash", "crop_pct": 0.95})
+    assert (own_squash.resize_mode, own_squash.crop_pct) == ("squash", 0.95)  # a backbone's own mode, as timm has it
+    # squash / letterbox chosen over the backbone's centre crop keep the whole frame
+    assert Preprocessing.resolve(CONFIG, "letterbox").crop_pct == 1.0
+    assert Preprocessing.resolve(CONFIG, "crop").crop_pct == 0.875
+    with pytest.raises(TransferkitError, match="unknown resize mode 'stretch'"):
+        Preprocessing.resolve(CONFIG, "stretch")
+    with pytest.raises(TransferkitError, match="3 positive stds"):
+        Preprocessing.resolve({**CONFIG, "std": [0.1, 0.0, 0.3]})
+
+
+def test_metadata_round_trip_and_older_checkpoints():
+    for mode in RESIZE_MODES:
+        preprocessing = Preprocessing.resolve(CONFIG, mode)
+        assert Preprocessing.from_metadata(preprocessing.to_metadata()) == preprocessing
+        # a checkpoint written before the Preprocessing object: data_config + resize_mode
+        assert Preprocessing.from_metadata({"data_config": CONFIG, "resize_mode": mode}) == preprocessing
+    assert Preprocessing.from_metadata({"data_config": CONFIG}).resize_mode == "crop"
+
+
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+def test_eval_transform_is_timms_own(mode, photo):
+    preprocessing = Preprocessing.resolve(CONFIG, mode)
+    ours = preprocessing.eval_transform()(photo)
+    assert ours.shape == (3, 48, 64) and ours.dtype == torch.float32
+    assert torch.equal(ours, _timm_eval(preprocessing)(Image.fromarray(photo)))
+
+
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+def test_feature_parity_with_timm_including_the_draft_decode(mode, tmp_path, tiny_weights):
+    """A tiny model's features of large generated JPEGs: draft-decoded + ours vs full decode + timm's."""
+    from transferkit.models.backbones import load_backbone
+
+    model, preprocessing = load_backbone("test_efficientnet", weights=tiny_weights, num_classes=0, resize_mode=mode)
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:600, 0:900].astype(np.float32)
+    paths = []
+    for i in range(4):  # smooth photo-like content: noise would not survive any resize
+        phase = rng.uniform(0, 6, 3)
+        image = 127 + 120 * np.sin(x[..., None] / (20 + 15 * i) + y[..., None] / 37 + phase)
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(image.astype(np.uint8)).save(paths[-1], quality=92)
+    ours = torch.stack([preprocessing.eval_transform()(load_image(p, preprocessing.decode_short_side)) for p in paths])
+    assert load_image(paths[0], preprocessing.decode_short_side).shape[0] < 600  # the draft decode did happen
+    reference = torch.stack([_timm_eval(preprocessing)(Image.open(p).convert("RGB")) for p in paths])
+    with torch.inference_mode():
+        cosine = torch.nn.functional.cosine_similarity(model.eval()(ours), model(reference))
+    assert cosine.mean() >= 0.999, cosine
+
+
+@pytest.mark.parametrize("preset", AUG_PRESETS)
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+def test_train_transforms_give_input_sized_tensors_normalised_with_the_backbone_stats(preset, mode, photo):
+    preprocessing = Preprocessing.resolve(CONFIG, mode)
+    transform = preprocessing.train_transform(preset)
+    for seed in range(2):
+        transform.set_random_seed(seed)
+        out = transform(photo)
+        assert out.shape == (3, 48, 64) and out.dtype == torch.float32
+    # a uniform grey stays grey through geometry; its value is (v/255 - mean) / std per channel
+    plain = preprocessing.train_transform(preset if preset in ("none", "light") else "light")
+    plain.set_random_seed(0)
+    grey = plain(np.full((70, 90, 3), 128, dtype=np.uint8))
+    expected = (128 / 255 - torch.tensor(CONFIG["mean"])) / torch.tensor(CONFIG["std"])
+    assert torch.allclose(grey[:, 20, 30], expected, atol=1e-5)
+
+
+def test_none_preset_is_exactly_the_eval_transform(photo):
+    for mode in RESIZE_MODES:
+        preprocessing = Preprocessing.resolve(CONFIG, mode)
+        assert torch.equal(preprocessing.train_transform("none")(photo), preprocessing.eval_transform()(photo))
+
+
+@pytest.mark.parametrize("tta", TTA_MODES)
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+def test_tta_modes_give_the_right_number_of_views(tta, mode, photo):
+    views = Preprocessing.resolve(CONFIG, mode).tta_views(tta)(photo)
+    assert views.shape == ({"none": 1, "hflip": 2, "five-crop": 5, "ten-crop": 10}[tta], 3, 48, 64)
+
+
+def test_tta_views_are_the_eval_view_its_mirror_and_distinct_crops(photo):
+    preprocessing = Preprocessing.resolve(SQUARE)
+    eval_view = preprocessing.eval_transform()(photo)
+    assert torch.equal(preprocessing.tta_views("none")(photo)[0], eval_view)
+    flips = preprocessing.tta_views("hflip")(photo)
+    assert torch.equal(flips[0], eval_view) and torch.equal(flips[1], eval_view.flip(-1))
+    ten = preprocessing.tta_views("ten-crop")(photo)
+    assert torch.equal(ten[4], eval_view)  # the centre crop of the eval resize is the eval view
+    assert len({v.numpy().tobytes() for v in ten}) == 10
+    assert torch.equal(ten[5:], ten[:5].flip(-1))
+    with pytest.raises(TransferkitError, match="--tta"):
+        preprocessing.tta_views("twenty-crop")
+
+
+def test_denormalize_inverts_normalisation():
+    preprocessing = Preprocessing.resolve(CONFIG, "squash")
+    tensor = preprocessing.eval_transform()(np.full((48, 64, 3), 200, dtype=np.uint8))
+    assert np.abs(preprocessing.denormalize(tensor).astype(int) - 200).max() <= 1
+
+
+def test_export_steps_name_timms_steps():
+    steps = Preprocessing.resolve(SQUARE, "letterbox").export_steps()
+    assert steps[0].startswith("ResizeKeepRatio(") and steps[1].startswith("CenterCropOrPad(")
+    assert steps[-1] == "Normalize(mean=[0.2, 0.4, 0.6], std=[0.1, 0.2, 0.3])"
+
+
+def test_saved_models_restore_their_preprocessing(tmp_path, tiny_weights, photo):
+    from transferkit.models.backbones import load_backbone
+    from transferkit.models.predictors import load_predictor
+    from transferkit.models.saved_model import checkpoint_metadata, read_checkpoint_metadata, save_checkpoint
+
+    for mode in ("crop", "letterbox"):
+        model, preprocessing = load_backbone("test_efficientnet", weights=tiny_weights, num_classes=2, resize_mode=mode)
+        stem = tmp_path / mode / "best"
+        stem.parent.mkdir()
+        path = save_checkpoint(stem, model, checkpoint_metadata(model, kind="classifier", class_names=["a", "b"],
+                                                                preprocessing=preprocessing))
+        assert "data_config" not in read_checkpoint_metadata(path)  # held once, as "preprocessing"
+        predictor = load_predictor(stem.parent)
+        assert predictor.preprocessing == preprocessing
+        assert torch.equal(predictor.preprocessing.eval_transform()(photo), preprocessing.eval_transform()(photo))
+        # finetuning from the checkpoint keeps its resize mode unless told otherwise
+        assert load_backbone("test_efficientnet", weights=path, num_classes=2)[1].resize_mode == mode
+
+
+@pytest.mark.integration
+@requires_shared_weights
+@requires_shared_roads
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+def test_real_features_match_timms_eval_transform_on_roads(mode):
+    """tf_efficientnet_lite0 on the 89 road frames (up to 1280x960): mean cosine >= 0.999 with the draft decode."""
+    from transferkit.features.extract import build_feature_model
+
+    model, preprocessing = build_feature_model("tf_efficientnet_lite0", resize_mode=mode,
+                                               weights=SHARED_WEIGHTS / "tf_efficientnet_lite0.safetensors")
+    paths = sorted(SHARED_ROADS.rglob("*.jpg"))
+    model.eval()
+    cosines = []
+    with torch.inference_mode():
+        for start in range(0, len(paths), 16):
+            chunk = paths[start:start + 16]
+            ours = next(iter(preprocessing.batches(chunk, len(chunk))))
+            reference = torch.stack([_timm_eval(preprocessing)(Image.open(p).convert("RGB")) for p in chunk])
+            cosines.append(torch.nn.functional.cosine_similarity(model(ours), model(reference)))
+    assert torch.cat(cosines).mean() >= 0.999
