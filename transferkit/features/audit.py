@@ -144,11 +144,11 @@ def check_features_match(path, index, backbone: str, *, weights=None, weights_co
     from transferkit.models.backbones import backbone_identity
 
     metadata = read_metadata(path)
-    model, data_config = build_feature_model(backbone, weights=weights, weights_config=weights_config,
-                                             pretrained=pretrained)
+    model, preprocessing = build_feature_model(backbone, weights=weights, weights_config=weights_config,
+                                               pretrained=pretrained)
     identity = backbone_identity(model)
     expected = {"backbone": identity["backbone"], "weights": identity["weights"],
-                "model_kwargs": identity["model_kwargs"], "data_config": data_config}
+                "model_kwargs": identity["model_kwargs"], **preprocessing.to_metadata()}
     differ = [key for key, value in expected.items() if not _json_equal(metadata.get(key), value)]
     if identity["weights"] == "random-init":
         differ.append("weights (random-init: two random backbones are never the same)")

@@ -147,6 +147,13 @@ class Preprocessing:
             steps = enlarged.eval_transform().transform.transforms[:-2]
         return ImageTransform(transforms.Compose([*steps, *(self._to_normalized_tensor() if tensor else [])]))
 
+    def full_frame_transform(self, short_side: int) -> ImageTransform:
+        """The whole image, short side resized to ``short_side`` (aspect kept, no crop), normalised: for dense maps."""
+        from torchvision import transforms
+
+        resize = transforms.Resize(short_side, interpolation=transforms.InterpolationMode(self.interpolation))
+        return ImageTransform(transforms.Compose([resize, *self._to_normalized_tensor()]))
+
     def _to_normalized_tensor(self) -> list:
         from timm.data.transforms import MaybeToTensor
         from torchvision import transforms

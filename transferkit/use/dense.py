@@ -65,16 +65,13 @@ def dense_logits(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 def dense_map(predictor, image: np.ndarray, short_side: int | None = None) -> DenseMap:
     """The class map of one uint8 RGB frame, resized so its short side is ``short_side`` pixels
     (default: twice the model's input size), aspect ratio kept."""
-    import albumentations as A
-
-    from transferkit.models.preprocessing import input_hw, interpolation_flag, normalize_to_tensor
-
-    short_side = short_side or DENSE_SCALE * min(input_hw(predictor.data_config))
+    preprocessing = predictor.preprocessing
+    short_side = short_side or DENSE_SCALE * min(preprocessing.input_hw)
     if short_side < 32:
         raise TransferkitError(f"dense frame short side must be at least 32 pixels, got {short_side}")
-    resize = A.SmallestMaxSize(max_size=short_side, interpolation=interpolation_flag(predictor.data_config["interpolation"]))
-    view = resize(image=image)["image"]
-    tensor = A.Compose(normalize_to_tensor(predictor.data_config))(image=view)["image"].unsqueeze(0)
+    tensor = preprocessing.full_frame_transform(short_side)(image)
+    view = preprocessing.denormalize(tensor)  # the pixels the map is computed on
+    tensor = tensor.unsqueeze(0)
     with torch.inference_mode():
         logits = dense_logits(predictor.model, tensor.to(predictor.device).float())
     probabilities = (logits[0].float() / predictor.temperature).softmax(0)  # calibrated like ordinary predictions

@@ -101,7 +101,7 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
             calibration_info = _convert(predictor, fp32_path, tmp, precision, calibration_set, calibration_method,
                                         dynamic_batch)
             report = precision_lib.compare_on_labelled(
-                fp32_path, tmp, precision, labelled, predictor.eval_transform(), INPUT_NAME, OUTPUT_NAME,
+                fp32_path, tmp, precision, labelled, predictor.preprocessing.eval_transform(), INPUT_NAME, OUTPUT_NAME,
                 dynamic_batch, max_drop)
             precision_check = {**report.as_dict(), "forced": bool(force and report.drop > max_drop)}
             if report.drop > max_drop and not force:
@@ -164,7 +164,7 @@ def _convert(predictor, fp32_path: Path, out: Path, precision: str, images: prec
     if precision == "fp16":
         precision_lib.convert_fp16(fp32_path, out)
         return None
-    tensors = precision_lib.preprocess(images.paths, predictor.eval_transform())
+    tensors = precision_lib.preprocess(images.paths, predictor.preprocessing.eval_transform())
     precision_lib.quantize_int8(fp32_path, out, iter(precision_lib.onnx_batches(tensors, dynamic_batch)), INPUT_NAME,
                                 method=calibration_method)
     return {"images": len(images.paths), "source": images.source, "method": calibration_method,

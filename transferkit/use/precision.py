@@ -163,7 +163,7 @@ def preprocess(paths: Sequence[Path], transform) -> np.ndarray:
     """``[N, 3, H, W]`` float32 through the model's eval transform (the same tensors torch sees)."""
     from transferkit.data import load_image
 
-    return np.stack([transform(image=load_image(p))["image"].numpy() for p in paths]).astype(np.float32)
+    return np.stack([transform(load_image(p)).numpy() for p in paths]).astype(np.float32)
 
 
 def onnx_batches(batch: np.ndarray, dynamic_batch: bool, size: int = 32) -> list[np.ndarray]:
