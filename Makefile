@@ -8,6 +8,10 @@ export MPLBACKEND := Agg
 SHARED ?= ../shared
 # Offline weights for the demo when the hub is out of reach; an exported TRANSFERKIT_WEIGHTS_DIR wins.
 export TRANSFERKIT_WEIGHTS_DIR ?= $(if $(wildcard $(SHARED)/weights/*.safetensors),$(abspath $(SHARED)/weights))
+# TORCH_INDEX=cpu installs torch/torchvision from the PyTorch CPU wheel index (~200 MB instead of the CUDA
+# build's GBs) before the rest; unset (the default) leaves torch to pip's normal index.
+TORCH_INDEX ?=
+TORCH_INDEX_URL := $(if $(TORCH_INDEX),https://download.pytorch.org/whl/$(TORCH_INDEX))
 DEMO_DATA ?= demo/roads
 DEMO_OUT ?= demo-out
 TK := $(BIN)/transferkit
@@ -19,6 +23,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(if $(TORCH_INDEX_URL),$(BIN)/pip install -q torch torchvision --index-url $(TORCH_INDEX_URL))
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -30,7 +35,7 @@ test: install
 demo: install
 	rm -rf $(DEMO_OUT)
 	$(TK) data check $(DEMO_DATA)
-	$(TK) finetune --recipe recipes/quick-cpu.yaml --data $(DEMO_DATA) --out $(DEMO_OUT)/runs --name demo
+	$(TK) finetune --recipe quick-cpu --data $(DEMO_DATA) --out $(DEMO_OUT)/runs --name demo
 	$(TK) evaluate --model $(DEMO_OUT)/runs/demo --data $(DEMO_DATA) --split val --out $(DEMO_OUT)/eval
 	$(TK) predict --model $(DEMO_OUT)/runs/demo $(DEMO_DATA)/val --out $(DEMO_OUT)/predictions.csv
 	$(TK) svm --backbone tf_efficientnet_lite0 --data $(DEMO_DATA) --model logistic --out $(DEMO_OUT)/svm

@@ -11,7 +11,7 @@ from test_finetune import one_torch_thread  # noqa: F401  (autouse fixture)
 from transferkit.errors import TransferkitError
 from transferkit.train.config import TrainConfig, resolve_config, resume_config
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "transferkit" / "recipes").glob("*.yaml"))
 
 
 def write(path: Path, data: dict) -> Path:

@@ -5,6 +5,10 @@ and keeps its traceback.
 """
 
 
+# optional dependencies -> the extra that installs them (setup.cfg [options.extras_require])
+EXTRAS = {"onnx": "export", "onnxruntime": "export", "onnxscript": "export", "pytorch_grad_cam": "explain"}
+
+
 class TransferkitError(Exception):
     """Bad input or environment the user can fix. ``exit_code`` is what the CLI returns."""
 
@@ -14,3 +18,22 @@ class TransferkitError(Exception):
         super().__init__(" ".join(str(message).split()))
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+def missing_extra(exc: ImportError) -> TransferkitError | None:
+    """The one-line error for an optional dependency that is not installed; None for any other import error."""
+    module = (getattr(exc, "name", None) or "").split(".")[0]
+    if module not in EXTRAS:
+        return None
+    return TransferkitError(f"{module} is not installed; this needs pip install 'transferkit[{EXTRAS[module]}]'")
+
+
+def require_extra(*modules: str) -> None:
+    """Import ``modules`` now, failing with :func:`missing_extra`'s line instead of a traceback later."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise (missing_extra(exc) or exc) from exc

@@ -12,14 +12,14 @@ import os
 import click
 
 from transferkit import __version__
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, missing_extra
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep a command's output to what it did
 
 
 class TransferkitGroup(click.Group):
-    """Turns :class:`TransferkitError` into ``error: ...`` and its exit code."""
+    """Turns :class:`TransferkitError` (and a missing optional extra) into ``error: ...`` and its exit code."""
 
     def invoke(self, ctx):
         try:
@@ -27,6 +27,12 @@ class TransferkitGroup(click.Group):
         except TransferkitError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except ImportError as exc:  # an optional extra that is not installed: say which, not a traceback
+            error = missing_extra(exc)
+            if error is None:
+                raise
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(error.exit_code)
 
 
 @click.group(cls=TransferkitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -10,6 +10,7 @@ import click
 from transferkit import choices
 from transferkit.cli import main
 from transferkit.cli.options import tracking_options, weights_options
+from transferkit.core.fileio import safe_name
 from transferkit.errors import TransferkitError
 
 
@@ -93,7 +94,7 @@ def svm_cmd(features, backbone, data, head_model, cv, grid, jobs, out, track, tr
     if not features:
         _require(backbone=backbone, data=data)
     name = backbone or read_metadata(features)["backbone"]
-    out = Path(out or f"runs/svm-{name}-{head_model}")
+    out = Path(out or f"runs/{safe_name(f'svm-{name}-{head_model}')}")
     weights = options["weights"]
     if not features:
         features = extract_features(backbone, data, out / "features.parquet", **options)

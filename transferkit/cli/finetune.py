@@ -68,7 +68,7 @@ def parse_overrides(pairs) -> dict:
 def finetune_command(func):
     """The inputs finetune and lr-find share: recipe, weights, every config key, key=value overrides."""
 
-    @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe (see recipes/); flags override it.")
+    @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe file, or a bundled one by name (quick-cpu, linear-probe, roads-resnet50); flags override it.")
     @weights_options
     @config_options
     @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")

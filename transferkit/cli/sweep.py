@@ -17,7 +17,7 @@ def _names(text: str | None) -> list[str] | None:
 @click.option("--data", required=True, type=click.Path(), help="Image folder (class folders or train/val) or labels CSV.")
 @click.option("--backbones", help="Comma-separated timm names to rank, e.g. tf_efficientnet_lite0,mobilenetv2_100.")
 @click.option("--space", "sweep_file", type=click.Path(dir_okay=False),
-              help="Sweep YAML (see recipes/sweeps/): backbones, top_k, metric, trials, fixed keys, search space.")
+              help="Sweep YAML file, or a bundled one by name (backbones-cpu, lr-tpe): backbones, top_k, metric, trials, fixed keys, search space.")
 @click.option("--strategies", help="Comma-separated strategies to try, e.g. linear-probe,freeze-unfreeze.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs per trial.")
 @click.option("--top-k", type=int, help="Backbones finetuned after the stage-1 ranking [default: 2].")

@@ -62,3 +62,10 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def safe_name(text: str) -> str:
+    """``text`` as one file or folder name: ``hf-hub:timm/resnet50.a1_in1k`` → ``hf-hub-timm-resnet50.a1_in1k``."""
+    import re
+
+    return re.sub(r"[^\w.+-]+", "-", text).strip("-") or "unnamed"

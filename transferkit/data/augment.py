@@ -12,7 +12,6 @@ and interpolation by :func:`retarget_sized_crops`.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import albumentations as A
@@ -21,18 +20,17 @@ import yaml
 from transferkit.choices import AUG_PRESETS
 from transferkit.errors import TransferkitError
 
-_SOURCE_RECIPES = Path(__file__).resolve().parents[2] / "recipes"  # a checkout / editable install
-_INSTALLED_RECIPES = Path(sys.prefix) / "share" / "transferkit" / "recipes"  # a wheel's data_files
-PRESET_DIR = (_SOURCE_RECIPES if _SOURCE_RECIPES.is_dir() else _INSTALLED_RECIPES) / "augment"
 SIZED_CROPS = ("RandomResizedCrop", "RandomSizedCrop")  # their output *is* the model input
 TAIL_ONLY = ("Normalize", "ToTensorV2")  # added by the fixed tail, from the backbone
 PLACEHOLDER_SIZE = [224, 224]  # replaced by the backbone's input size in retarget_sized_crops
 
 
-def preset_path(spec: str | os.PathLike) -> Path:
-    """A preset name or a YAML path → the YAML file."""
+def preset_path(spec: str | os.PathLike):
+    """A preset name (package data, ``transferkit/recipes/augment/``) or a YAML/JSON path → the file."""
+    from transferkit.core.bundled import bundled_folder
+
     if str(spec) in AUG_PRESETS:
-        return PRESET_DIR / f"{spec}.yaml"
+        return bundled_folder("recipes/augment").joinpath(f"{spec}.yaml")
     path = Path(spec).expanduser()
     if path.suffix.lower() not in (".yaml", ".yml", ".json") or not path.is_file():
         raise TransferkitError(

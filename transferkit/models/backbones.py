@@ -51,7 +51,7 @@ def load_backbone(
     ``resize_mode`` (crop, squash, letterbox) overrides the crop mode; None keeps the one the weights state
     (a checkpoint's), else the backbone's own.
     """
-    if not timm.is_model(name):
+    if not (timm.is_model(name) or is_hub_name(name)):
         raise TransferkitError(f"unknown backbone {name!r}; run `transferkit backbones '*{name[:4]}*'` to list names")
     source = _resolve_source(name, weights, pretrained)
     stated = _stated_config(source, weights_config)
@@ -76,6 +76,19 @@ def load_backbone(
     model.pretrained_cfg = {**model.pretrained_cfg, **preprocessing.data_config}
     model.transferkit_info = {"backbone": name, "model_kwargs": kwargs, "weights": identity}
     return model, preprocessing
+
+
+def is_hub_name(name: str) -> bool:
+    """``hf-hub:org/name``: a model on the Hugging Face hub that timm builds from its own config there."""
+    return name.startswith("hf-hub:")
+
+
+def weights_file_name(name: str) -> str:
+    """The file ``$TRANSFERKIT_WEIGHTS_DIR`` holds for ``name``: ``<name>.safetensors``, an ``hf-hub:org/x`` name
+    made one file name (``hf-hub-org-x.safetensors``)."""
+    from transferkit.core.fileio import safe_name
+
+    return f"{safe_name(name)}.safetensors"
 
 
 def resolve_data_config(model: torch.nn.Module, overrides: Mapping[str, Any] | None = None) -> dict:
@@ -149,6 +162,11 @@ def _create(name: str, num_classes: int | None, kwargs: Mapping[str, Any]) -> to
         return timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as exc:
         raise TransferkitError(f"backbone {name} does not accept model kwargs {dict(kwargs)}: {exc}") from exc
+    except Exception as exc:  # an hf-hub: name whose config.json is neither cached nor reachable
+        if not is_hub_name(name):
+            raise
+        raise TransferkitError(f"cannot read the config of {name} from the Hugging Face hub ({type(exc).__name__}); "
+                               "connect once so it is cached, or use a timm model name") from exc
 
 
 def _create_from_hub(name: str, num_classes: int | None, kwargs: Mapping[str, Any]) -> torch.nn.Module:
@@ -171,10 +189,10 @@ def _resolve_source(name: str, weights, pretrained: bool):
         return None
     weights_dir = os.environ.get(WEIGHTS_DIR_ENV)
     if weights_dir:
-        candidate = Path(weights_dir).expanduser() / f"{name}.safetensors"
+        candidate = Path(weights_dir).expanduser() / weights_file_name(name)
         if candidate.is_file():
             return candidate
-    if not timm.list_models(name, pretrained=True):
+    if not is_hub_name(name) and not timm.list_models(name, pretrained=True):
         raise _no_weights_error(name, "timm has no pretrained tag for it")
     if not _hub_reachable(name):
         raise _no_weights_error(name, "the model hub is not reachable and nothing is cached")
@@ -183,8 +201,8 @@ def _resolve_source(name: str, weights, pretrained: bool):
 
 def _hub_reachable(name: str) -> bool:
     """Answer fast (well under 10 s) instead of letting the hub client sit in retries when offline."""
-    cfg = timm.models.get_pretrained_cfg(name)
-    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    cfg = None if is_hub_name(name) else timm.models.get_pretrained_cfg(name)
+    hub_id = name.removeprefix("hf-hub:") if is_hub_name(name) else getattr(cfg, "hf_hub_id", None) if cfg else None
     if hub_id:
         from huggingface_hub import try_to_load_from_cache
 
@@ -204,7 +222,7 @@ def _hub_reachable(name: str) -> bool:
 def _no_weights_error(name: str, why: str) -> TransferkitError:
     return TransferkitError(
         f"no pretrained weights for {name}: {why}. Supply them with --weights FILE, "
-        f"or ${WEIGHTS_DIR_ENV}/{name}.safetensors, or a network for timm's hub; or pass --no-pretrained"
+        f"or ${WEIGHTS_DIR_ENV}/{weights_file_name(name)}, or a network for timm's hub; or pass --no-pretrained"
     )
 
 

@@ -1,6 +1,6 @@
 """What a sweep searches: the sweep YAML, and a search space over any finetune key, checked before training.
 
-A sweep file (see ``recipes/sweeps/``) is a mapping::
+A sweep file (shipped ones: ``transferkit/recipes/sweeps/``, usable by name) is a mapping::
 
     backbones: [tf_efficientnet_lite0, mobilenetv2_100]   # ranked in stage 1
     top_k: 2                                              # how many go on to stage 2
@@ -84,7 +84,7 @@ class SearchSpace:
 
 def read_sweep_file(path: str | os.PathLike) -> dict:
     """The sweep YAML as a dict, its top-level keys checked."""
-    data = read_recipe(path)
+    data = read_recipe(path, kind="recipes/sweeps")
     unknown = [key for key in data if key not in SWEEP_FILE_KEYS]
     if unknown:
         raise TransferkitError(f"unknown key {unknown[0]!r} in sweep file {path}; a sweep file has "

@@ -1,6 +1,6 @@
 """The training configuration: built-in defaults < recipe YAML < command-line flags.
 
-A recipe is a flat YAML mapping of the same keys as :class:`TrainConfig` (see ``recipes/``). Every key and
+A recipe is a flat YAML mapping of the same keys as :class:`TrainConfig` (shipped ones: ``transferkit/recipes/``). Every key and
 value is checked before anything runs, and a bad one is named in a one-line error. The resolved config is
 saved as ``config.yaml`` in the run folder, so a run can be repeated with ``--recipe runs/<name>/config.yaml``.
 """
@@ -175,8 +175,11 @@ def resume_config(run_dir: str | os.PathLike, overrides: Mapping[str, Any] | Non
     return resolve_config(saved_path, given)
 
 
-def read_recipe(path: str | os.PathLike) -> dict:
-    path = Path(path).expanduser()
+def read_recipe(path: str | os.PathLike, kind: str = "recipes") -> dict:
+    """A recipe file, or the name of one shipped in ``transferkit/<kind>/`` (``quick-cpu``)."""
+    from transferkit.core.bundled import resolve_yaml
+
+    path = resolve_yaml(path, kind, "recipe")
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -186,7 +189,7 @@ def read_recipe(path: str | os.PathLike) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise TransferkitError(f"recipe {path} must be a mapping of key: value (see recipes/quick-cpu.yaml)")
+        raise TransferkitError(f"recipe {path} must be a mapping of key: value (see `transferkit recipes quick-cpu`)")
     return data
 
 

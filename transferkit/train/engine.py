@@ -233,7 +233,7 @@ class _Run:
             stopped_early = self._train()
             if config.calibrate:
                 self._calibrate()
-            model_uri = self._finish(stopped_early)
+            model_uri = self._finish(stopped_early, self._best_val_probabilities())
         return RunResult(self.run_dir, self.best["epoch"], self.best, self.history, stopped_early, model_uri)
 
     def _train(self) -> bool:
@@ -613,7 +613,18 @@ class _Run:
         self.tracker.log_metrics({**{k: self.best[k] for k in CHECKPOINT_COLUMNS}, "best_epoch": epoch}, step=epoch)
         self.summary_epoch = epoch
 
-    def _finish(self, stopped_early: bool) -> str | None:
+    def _best_val_probabilities(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels, probabilities)`` of the saved best checkpoint (its weights and temperature) on the val
+        split, from the per-epoch validation pass itself: the review scores the model the way training did."""
+        from safetensors.torch import load_file
+
+        best = self.run_dir / "best.safetensors"
+        self.model.load_state_dict(load_file(str(best), device=str(self.device)))
+        labels, logits = self._val_logits(self.forward)
+        temperature = float(read_checkpoint_metadata(best).get("temperature", 1.0))
+        return labels.numpy(), (logits / temperature).softmax(1).numpy()
+
+    def _finish(self, stopped_early: bool, val_probabilities: tuple[np.ndarray, np.ndarray]) -> str | None:
         if not distributed.is_main():
             return None
         from transferkit.reports.plots import training_curves_png
@@ -621,7 +632,7 @@ class _Run:
         curves = training_curves_png(self.history, self.run_dir / "curves.png")
         for path in (self.run_dir / "config.yaml", self.run_dir / "metrics.csv", curves):
             self.tracker.log_artifact(path)
-        review = self._write_review()
+        review = self._write_review(*val_probabilities)
         best_epoch = self.best["epoch"]
         if self.summary_epoch != best_epoch:  # a resumed run logs to a new MLflow run that missed its best epoch
             self._log_summary()
@@ -666,22 +677,20 @@ class _Run:
         self.tracker.log_params({"data_config": self.preprocessing.data_config, "classes": self.classes,
                                  "counts": self.index.counts()})
 
-    def _write_review(self) -> dict:
+    def _write_review(self, labels: np.ndarray, probabilities: np.ndarray) -> dict:
         """What a reviewer judges the run by, in the run folder and in MLflow: the best checkpoint's report on
-        the val split it trained with (``val/``), the augmentation preview and the dataset check."""
+        the val split it trained with (``val/``, from :meth:`_best_val_probabilities`), the augmentation preview
+        and the dataset check."""
         from transferkit.data.check import check_dataset
-        from transferkit.models.predictors import load_predictor
         from transferkit.reports.plots import augmentation_preview_png
-        from transferkit.use.evaluate import evaluate_samples
+        from transferkit.use.evaluate import score_probabilities
 
         config = self.config
         val = self.index.split("val")
         folder = ensure_writable_dir(self.run_dir / "val")
-        report = evaluate_samples(
-            load_predictor(self.run_dir / "best.safetensors", self.device), [s.path for s in val],
-            np.array([s.label for s in val], dtype=np.int64), split="val", folder=folder,
-            info={"model": str(self.run_dir / "best.safetensors"), "best_epoch": self.best["epoch"]},
-            batch_size=config.batch_size, workers=config.workers)
+        report = score_probabilities(
+            [s.path for s in val], labels, probabilities, [""] * len(val), self.classes, split="val", folder=folder,
+            info={"model": str(self.run_dir / "best.safetensors"), "best_epoch": self.best["epoch"]})
         # val_accuracy/val_macro_f1 were logged with the best epoch; logged again they would be a second point
         self.tracker.log_evaluation({k: v for k, v in report.items() if k not in CHECKPOINT_COLUMNS},
                                     artifacts_dir=folder, step=self.best["epoch"])

@@ -73,22 +73,32 @@ def evaluate_samples(predictor, paths: Sequence, y_true: np.ndarray, *, split: s
     the same numbers. The result is ``info`` + tta, the metrics named by split
     (:func:`transferkit.reports.metrics.split_scores`) and the ``skipped`` undecodable files.
     """
-    from transferkit.reports.metrics import classification_metrics, split_scores
     from transferkit.use.predict import predict_paths
 
     probs, errors = predict_paths(predictor, paths, tta=tta, batch_size=batch_size, workers=workers)
+    return score_probabilities(paths, y_true, probs, errors, predictor.class_names, split=split, folder=folder,
+                               info=info, tta=tta, topk=topk)
+
+
+def score_probabilities(paths: Sequence, y_true: np.ndarray, probs: np.ndarray, errors: Sequence[str],
+                        class_names: Sequence[str], *, split: str, folder: Path | None = None,
+                        info: Mapping | None = None, tta: str = "none", topk: Sequence[int] = (1, 3)) -> dict:
+    """The evaluation report of class probabilities already computed (``errors[i]`` non-empty: path i was
+    skipped): metrics, skipped files, and the files in ``folder``. The end-of-run val report of a finetune
+    calls it with the probabilities of its own validation pass."""
+    from transferkit.reports.metrics import classification_metrics, split_scores
+
     ok = np.array([not e for e in errors], dtype=bool)
     if not ok.any():
         raise TransferkitError(f"none of the {len(paths)} images in split {split} could be decoded (e.g. {errors[0]})")
     result = {
         **(info or {}),
         "tta": tta,
-        **split_scores(split, classification_metrics(y_true[ok], probs[ok], predictor.class_names, topk=topk)),
+        **split_scores(split, classification_metrics(y_true[ok], probs[ok], class_names, topk=topk)),
         "skipped": [{"path": str(p), "error": e} for p, e in zip(paths, errors) if e],
     }
     if folder is not None:
-        write_report(folder, result, [p for p, good in zip(paths, ok) if good], y_true[ok], probs[ok],
-                     predictor.class_names)
+        write_report(folder, result, [p for p, good in zip(paths, ok) if good], y_true[ok], probs[ok], class_names)
     return result
 
 

@@ -19,7 +19,7 @@ import torch
 
 from transferkit.choices import CAM_METHODS, check_choice
 from transferkit.core.fileio import ensure_writable_dir
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, require_extra
 
 
 def explain(model_spec, images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, method: str = "gradcam",
@@ -68,6 +68,7 @@ class ClassActivationMaps:
         from transferkit.models.predictors import ClassifierPredictor
 
         check_choice("CAM method", method, CAM_METHODS)
+        require_extra("pytorch_grad_cam")
         if not isinstance(predictor, ClassifierPredictor):
             raise TransferkitError(
                 f"class activation maps need a finetuned classifier (gradients through its head); this model is kind "

@@ -26,7 +26,7 @@ import torch
 
 from transferkit.choices import CALIBRATION_METHODS, EXPORT_FORMATS, EXPORT_PRECISIONS, check_choice
 from transferkit.core.fileio import atomic_path, sha256_file, write_json
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, require_extra
 from transferkit.use import precision as precision_lib
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -54,6 +54,8 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
     from transferkit.models.saved_model import find_checkpoint, read_checkpoint_metadata
 
     check_choice("export format", format, EXPORT_FORMATS)
+    if format == "onnx":
+        require_extra("onnx", "onnxscript", "onnxruntime")
     if opset is not None and format != "onnx":
         raise TransferkitError("--opset applies to --format onnx only")
     check_choice("precision", precision, EXPORT_PRECISIONS)
