@@ -77,10 +77,11 @@ def convert_fp16(fp32_path: Path, out: Path) -> None:
 
 
 def quantize_int8(fp32_path: Path, out: Path, calibration: Iterator[np.ndarray], input_name: str,
-                  method: str = "minmax", per_channel: bool = True) -> None:
+                  method: str = "minmax", per_channel: bool = True, float_ends: bool = False) -> None:
     """Static int8 quantization (QDQ): int8 weights (per output channel), uint8 activations calibrated on
     ``calibration`` batches. The graph is first shape-inferred and optimised (batch norms folded into convs),
-    as onnxruntime recommends before quantizing."""
+    as onnxruntime recommends before quantizing. ``float_ends`` keeps the first convolution and the classifier
+    in float (the layers most sensitive to quantization, and cheap)."""
     import tempfile
 
     from onnxruntime.quantization import (
@@ -100,13 +101,24 @@ def quantize_int8(fp32_path: Path, out: Path, calibration: Iterator[np.ndarray],
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        excluded = _end_layers(prepared) if float_ends else []
         quantize_static(
             str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                               "percentile": CalibrationMethod.Percentile}[method],
-            extra_options={"CalibTensorRangeSymmetric": False},
+            extra_options={"CalibTensorRangeSymmetric": False}, nodes_to_exclude=excluded,
         )
+
+
+def _end_layers(path: Path) -> list[str]:
+    """Names of the first Conv and the last Gemm/MatMul node of an ONNX graph."""
+    import onnx
+
+    nodes = onnx.load(str(path)).graph.node
+    first = next((n.name for n in nodes if n.op_type == "Conv"), None)
+    last = next((n.name for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)
+    return [name for name in (first, last) if name]
 
 
 def recorded_split(metadata: Mapping, split: str, class_names: Sequence[str]) -> LabelledImages | None:
