@@ -54,12 +54,12 @@ def main() -> None:
     run = finetuned_model(args.epochs)
     predictor = load_predictor(run, "cpu")
     images = precision_lib.recorded_split(predictor.metadata, "val", predictor.class_names)
-    tensors = precision_lib.preprocess(images.paths, predictor.eval_transform())
+    tensors = precision_lib.preprocess(images.paths, predictor.preprocessing.eval_transform())
     metrics = json.loads((run / "best.json").read_text()).get("metrics", {})
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}")
     print(f"model: {BACKBONE} finetuned on signdigits ({run.name}, epoch {metrics.get('epoch', '?')}, "
-          f"val_acc {metrics.get('val_acc', float('nan')):.3f}), input {predictor.data_config['input_size']}")
+          f"val_acc {metrics.get('val_acc', float('nan')):.3f}), input {list(predictor.preprocessing.input_size)}")
     print(f"data: {len(tensors)} images of {images.source}; batch {args.batch_size}, best of {args.rounds}\n")
 
     def timed(run_batch) -> tuple[np.ndarray, float]:
@@ -97,7 +97,7 @@ def main() -> None:
         if args.variants:
             print("\nint8 variants (quantize_int8 on the same fp32 ONNX, same validation tensors)")
             calibration = precision_lib.calibration_images(predictor.metadata, predictor.class_names, None, 512)
-            calib_tensors = precision_lib.preprocess(calibration.paths, predictor.eval_transform())
+            calib_tensors = precision_lib.preprocess(calibration.paths, predictor.preprocessing.eval_transform())
             variants = {}
             for name, kwargs, count in (("minmax, per-tensor", {"per_channel": False}, 128),
                                         ("minmax, first conv + classifier in fp32", {"float_ends": True}, 128),
