@@ -91,11 +91,11 @@ def main() -> None:
     print(markdown_table(ranking[["rank", "backbone", "probe_cv_accuracy", "probe_val_accuracy", "params_m", "features_seconds",
                    "probe_seconds", "finetuned"]]))
     print("\n## Stage 2: finetuned trials (best checkpoint)\n")
-    print(markdown_table(board[["rank", "trial", "backbone", "strategy", "val_acc", "val_macro_f1", "val_loss",
+    print(markdown_table(board[["rank", "trial", "backbone", "strategy", "val_accuracy", "val_macro_f1", "val_loss",
                                 "seconds"]]))
     winner = board.iloc[0]
     print(f"\nwinner: trial {winner['trial']}, {winner['backbone']} {winner['strategy']}: "
-          f"val accuracy {winner['val_acc']:.4f}\n")
+          f"val accuracy {winner['val_accuracy']:.4f}\n")
 
     # 2. the same trials one by one
     rows = []
@@ -105,7 +105,7 @@ def main() -> None:
         single = pd.read_csv(work / "single" / f"trial-{row.trial}" / "metrics.csv")
         rows.append({"trial": row.trial, "backbone": row.backbone, "strategy": row.strategy,
                      "finetune_seconds": round(seconds, 1), "sweep_trial_seconds": row.seconds,
-                     "finetune_best_val_acc": single["val_acc"].max(), "sweep_val_acc": row.val_acc})
+                     "finetune_best_val_accuracy": single["val_accuracy"].max(), "sweep_val_accuracy": row.val_accuracy})
     singles = pd.DataFrame(rows)
     total = singles["finetune_seconds"].sum()
     print("## Wall time: the sweep against the same trials run one by one with `transferkit finetune`\n")
