@@ -43,18 +43,22 @@ _INVALID_KEY_CHARS = re.compile(r"[^\w./\- :]")
 def _tracking_uri_in_use(uri: str):
     """Point MLflow at ``uri`` for one run, then restore both its global URI and the environment variable.
 
-    ``mlflow.set_tracking_uri`` also writes (and, given None, deletes) ``$MLFLOW_TRACKING_URI``, so the
-    variable is the caller's state, whether they exported it or called ``set_tracking_uri``: restoring it through
-    the same public call restores both (a notebook, the test suite).
+    ``mlflow.set_tracking_uri`` also writes (and, given None, deletes) ``$MLFLOW_TRACKING_URI``; a caller's
+    variable must survive a tracked command run in-process (a notebook, the test suite).
     """
     import mlflow
+    from mlflow.tracking._tracking_service import utils as mlflow_uri_state
 
-    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    saved_uri, saved_env = mlflow_uri_state._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(saved_env)
+        mlflow_uri_state.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
