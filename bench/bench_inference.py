@@ -63,8 +63,8 @@ def main() -> None:
         predictor = load_predictor(tmp / "model", "cpu")
 
         print("1. predict (decode + transform + forward), images/s")
-        transform = predictor.eval_transform()
-        tensors = torch.stack([transform(image=load_image(p))["image"] for p in paths])
+        transform = predictor.preprocessing.eval_transform()
+        tensors = torch.stack([transform(load_image(p, predictor.preprocessing.decode_short_side)) for p in paths])
 
         def bare_forward():
             for start in range(0, len(tensors), args.batch_size):
