@@ -128,7 +128,7 @@ def test_head_files_with_untrusted_types_are_refused(tmp_path):
 
     path = tmp_path / "head.skops"
     skops.io.dump(make_pipeline(FunctionTransformer(os.getcwd), LogisticRegression()), path)
-    with pytest.raises(TransferkitError, match="does not trust"):
+    with pytest.raises(TransferkitError, match="types transferkit does not write"):
         load_head(path)
 
 

@@ -16,6 +16,7 @@ SCHEDULERS = ("cosine", "plateau", "none")
 BALANCE = ("none", "weights", "sampler")
 MONITORS = ("val_loss", "val_accuracy", "val_macro_f1")
 AUG_PRESETS = ("none", "light", "medium", "heavy")  # or an albumentations YAML file
+BAD_IMAGES = ("error", "skip")  # an unreadable train/val image: stop before training, or leave it out and say so
 
 # preprocessing and input pipeline
 RESIZE_MODES = ("crop", "squash", "letterbox")

@@ -15,7 +15,12 @@ class TransferkitError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, exit_code: int | None = None):
-        super().__init__(" ".join(str(message).split()))
+        text = str(message)
+        if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+            # re-raised by torch's DataLoader from a worker, with the worker's whole traceback as the message:
+            # keep the original one-line message (the traceback's last line, less the exception's name)
+            text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(" ".join(text.split()))
         if exit_code is not None:
             self.exit_code = exit_code
 

@@ -59,11 +59,22 @@ def extract_cmd(backbone, data, out, **options):
 
     _require(backbone=backbone, data=data)
     started = time.perf_counter()
+    before = _file_version(Path(out))
     path = extract_features(backbone, data, out, **options)
     if distributed.is_main():
         metadata = read_metadata(path)
+        status = "reused (up to date)" if _file_version(path) == before else "recomputed"
         click.echo(f"{metadata['rows']} images x {metadata['feature_dim']} features ({metadata['pool']}) -> {path} "
-                   f"[{time.perf_counter() - started:.1f}s]")
+                   f"{status} [{time.perf_counter() - started:.1f}s]")
+
+
+def _file_version(path: Path):
+    """Identity of the file at ``path`` now: a rewrite (always a rename onto it) gives a new inode."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 @main.command("svm")
@@ -77,14 +88,16 @@ def extract_cmd(backbone, data, out, **options):
 @click.option("--jobs", type=int, default=-1, show_default=True,
               help="Folds of the grid search fitted in parallel (-1: one per CPU core).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Model folder [default: runs/svm-<backbone>-<model>].")
+              help="Model folder, which must not exist yet [default: runs/svm-<backbone>-<model>-<dataset>, "
+                   "numbered if taken].")
 @tracking_options
 def svm_cmd(features, backbone, data, head_model, cv, grid, jobs, out, track, tracking_uri, experiment, **options):
     """Fit an SVM / logistic head on frozen features and save it as a model for predict/evaluate.
 
     Either --features FILE, or --backbone NAME --data PATH (extracts into the model folder, then fits).
     """
-    from transferkit.features.classical_heads import fit_head
+    from transferkit.core.fileio import atomic_dir
+    from transferkit.features.classical_heads import fit_head, parse_grid
     from transferkit.features.extract import extract_features, read_metadata
 
     if features and (backbone or data):
@@ -93,16 +106,32 @@ def svm_cmd(features, backbone, data, head_model, cv, grid, jobs, out, track, tr
         _refuse_extraction_options(options)
     if not features:
         _require(backbone=backbone, data=data)
-    name = backbone or read_metadata(features)["backbone"]
-    out = Path(out or f"runs/{safe_name(f'svm-{name}-{head_model}')}")
-    weights = options["weights"]
-    if not features:
-        features = extract_features(backbone, data, out / "features.parquet", **options)
-    result = fit_head(features, head_model, cv=cv, grid=grid, out=out, weights=weights, seed=options["seed"],
-                      n_jobs=jobs)
+    if track:  # before minutes of extraction and fitting, not after the model is saved
+        from transferkit.tracking.runs import check_tracking_store
+
+        check_tracking_store(tracking_uri)
+    parse_grid(grid, head_model)  # a bad --grid fails before the extraction too
+    out = Path(out) if out else _new_model_folder(backbone or read_metadata(features)["backbone"], head_model,
+                                                  data or read_metadata(features)["dataset"]["root"])
+    with atomic_dir(out) as folder:  # the folder appears complete, or not at all
+        if not features:
+            features = extract_features(backbone, data, folder / "features.parquet", **options)
+        feature_metadata = read_metadata(features)
+        result = fit_head(features, head_model, cv=cv, grid=grid, out=folder, weights=options["weights"],
+                          seed=options["seed"], n_jobs=jobs)
+    result.out = out
     _print_result(result)
     if track:
-        _track(result, read_metadata(features), tracking_uri=tracking_uri, experiment=experiment)
+        _track(result, feature_metadata, tracking_uri=tracking_uri, experiment=experiment)
+
+
+def _new_model_folder(backbone: str, head_model: str, dataset) -> Path:
+    """``runs/svm-<backbone>-<model>-<dataset>``, numbered when taken: a second svm never replaces the first."""
+    from transferkit.core.fileio import free_name
+    from transferkit.tracking.runs import default_experiment_name
+
+    parent = Path("runs")
+    return parent / free_name(parent, safe_name(f"svm-{backbone}-{head_model}-{default_experiment_name(dataset)}"))
 
 
 def _track(result, feature_metadata, *, tracking_uri, experiment) -> None:

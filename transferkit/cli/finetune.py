@@ -101,18 +101,23 @@ def resolve_options(recipe, overrides, options: dict):
 @main.command()
 @finetune_command
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the unfinished run in this folder.")
-def finetune(recipe, resume, overrides, **options):
+@click.option("--allow-data-change", is_flag=True,
+              help="With --resume: continue even though the data changed since the run started.")
+def finetune(recipe, resume, allow_data_change, overrides, **options):
     """Finetune BACKBONE on DATA; writes runs/<name>/ (checkpoints, metrics.csv, curves.png, config.yaml).
 
     Any setting may also be given as KEY=VALUE (e.g. `lr=3e-4 aug=none`), checked like a recipe key.
     """
+    from transferkit.errors import TransferkitError
     from transferkit.train import finetune as run_finetune
 
     if resume:
         config = train_config.resume_config(resume, command_line_settings(overrides, options))
     else:
         config = resolve_options(recipe, overrides, options)
-    result = run_finetune(config, resume=resume, recipe=recipe)
+    if allow_data_change and not resume:
+        raise TransferkitError("--allow-data-change only applies with --resume")
+    result = run_finetune(config, resume=resume, recipe=recipe, allow_data_change=allow_data_change)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         click.echo(result.summary())
 

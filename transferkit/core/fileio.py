@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,13 +26,54 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp_path
+        # mkstemp makes 0600, and so do writers that replace the file (safetensors): outputs get the usual mode
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder beside ``target``; it becomes ``target`` only if the block succeeds.
+
+    A folder's files then appear together or not at all (no new head beside an old backbone). An existing
+    ``target`` with anything in it is never replaced.
+    """
+    target = Path(target)
+    refuse_non_empty(target)
+    ensure_writable_dir(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        try:
+            if target.is_dir():
+                target.rmdir()  # empty (checked above); fails if something appeared meanwhile
+            os.rename(tmp, target)
+        except OSError as exc:
+            raise TransferkitError(f"cannot create {target}: {exc.strerror or exc}; pick another output folder") from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def free_name(parent: Path, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``... if ``parent`` already holds that name (never overwrite a run)."""
+    candidate, n = name, 1
+    while (Path(parent) / candidate).exists():
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
+def refuse_non_empty(target: Path) -> None:
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise TransferkitError(f"{target} already exists; transferkit never overwrites a model: "
+                               "pick another output folder or remove it")
 
 
 def _umask() -> int:

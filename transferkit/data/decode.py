@@ -20,6 +20,9 @@ from transferkit.errors import TransferkitError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_PIXELS = 89_478_485  # PIL's own default bomb limit: ~ 9459 x 9459
 DRAFT_MARGIN = 1.5  # a draft-decoded JPEG keeps at least this many times the short side asked for
+# Long side / short side. A 60000x1 strip is tiny on disk but, scaled to a 224 px short side, 3 GB of pixels;
+# panoramas stay well below this.
+MAX_ASPECT_RATIO = 20
 
 
 class ImageDecodeError(TransferkitError):
@@ -37,19 +40,40 @@ def load_image(path: str | os.PathLike, min_short_side: int | None = None) -> np
     at least that many pixels; the exact final resize is left to the transform.
     """
     try:
-        with Image.open(path) as img:
-            _refuse_bombs(img, path)
+        with _open(path) as img:
+            _refuse_bombs(img, path, min_short_side)
             if min_short_side and img.format == "JPEG":
                 img.draft("RGB", _draft_request(img.size, min_short_side))
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img.load()
+            img.load()
             img = ImageOps.exif_transpose(img)
             return to_rgb_array(img)
     except ImageDecodeError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"cannot decode image {path}: {exc}") from exc
+
+
+def check_image(path: str | os.PathLike, min_short_side: int | None = None) -> str | None:
+    """Why ``path`` cannot be trained on, from its header (and PNG chunk checksums) alone; None if it looks fine.
+
+    Much cheaper than a decode: what finetune checks up front, so a bad file fails before any training time.
+    """
+    try:
+        with _open(path) as img:
+            _refuse_bombs(img, path, min_short_side)
+            img.verify()
+    except ImageDecodeError as exc:
+        return str(exc)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return f"cannot decode image {path}: {exc}; remove or re-encode it"
+    return None
+
+
+def _open(path) -> Image.Image:
+    """``Image.open`` without PIL's own DecompressionBombWarning print: :func:`_refuse_bombs` decides instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
 
 
 def to_rgb_array(img: Image.Image) -> np.ndarray:
@@ -79,13 +103,22 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def _refuse_bombs(img: Image.Image, path) -> None:
+def _refuse_bombs(img: Image.Image, path, min_short_side: int | None = None) -> None:
+    """Refuse what would exhaust memory: too many pixels as stored, or once the short side is scaled up."""
     width, height = img.size
     if width * height > MAX_PIXELS:
         raise ImageDecodeError(
             f"image {path} is {width}x{height} pixels, above the {MAX_PIXELS:,}-pixel decompression-bomb limit; "
             "downscale it before training"
         )
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        raise ImageDecodeError(
+            f"image {path} is {width}x{height} pixels, an aspect ratio above {MAX_ASPECT_RATIO}:1; "
+            "crop it into tiles or remove it"
+        )
+    if min_short_side and width * height * (min_short_side / min(width, height)) ** 2 > MAX_PIXELS:
+        raise ImageDecodeError(f"image {path} ({width}x{height}) would exceed {MAX_PIXELS:,} pixels once its short "
+                               f"side is scaled to {min_short_side}; crop it before training")
 
 
 def _draft_request(size: tuple[int, int], min_short_side: int) -> tuple[int, int]:

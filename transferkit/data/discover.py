@@ -24,6 +24,8 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
                  "test": "test", "testing": "test"}
 SPLITS = ("train", "val", "test")
 CSV_COLUMNS = ("path", "label", "split")
+# Folders that are never classes or images: macOS zip metadata, and hidden ones (.thumbs, .git) anywhere.
+IGNORED_FOLDERS = ("__MACOSX",)
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,19 @@ class DatasetIndex:
         return [{"path": self.relpath(s), "label": self.classes[s.label], "split": s.split} for s in self.samples]
 
     def fingerprint(self) -> str:
-        """Changes when any file is added, removed, relabelled, moved between splits or resized."""
+        """Changes when any file is added, removed, relabelled, moved between splits or edited.
+
+        An edit is seen by size and modification time (ns): an image rewritten in place at the same size
+        (BMP, TIFF) still changes it. Hashing every byte would cost a full read of the dataset per run.
+        """
         digest = hashlib.sha256()
         for s in sorted(self.samples, key=lambda s: self.relpath(s)):
-            size = s.path.stat().st_size if s.path.exists() else -1
-            digest.update(f"{self.relpath(s)}\t{self.classes[s.label]}\t{s.split}\t{size}\n".encode())
+            try:
+                stat = s.path.stat()
+                content = f"{stat.st_size}\t{stat.st_mtime_ns}"
+            except OSError:
+                content = "missing"
+            digest.update(f"{self.relpath(s)}\t{self.classes[s.label]}\t{s.split}\t{content}\n".encode())
         return digest.hexdigest()[:16]
 
 
@@ -89,13 +99,29 @@ def discover(path: str | os.PathLike, val_ratio: float = 0.2, seed: int = 0, str
     if root.is_file():
         index = _from_csv(root)
     else:
-        split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in sorted(root.iterdir())
-                      if d.is_dir() and d.name.lower() in SPLIT_ALIASES}
+        split_dirs = _split_dirs(root)
         index = _from_split_dirs(root, split_dirs) if "train" in split_dirs else _from_class_dirs(root)
     _validate(index, strict)
     if not index.split("val") and val_ratio > 0:
         _carve_val(index, val_ratio, seed)
     return index
+
+
+def _split_dirs(root: Path) -> dict[str, Path]:
+    """{split: folder}; two folders naming one split (``Train/`` beside ``train/``) are refused, not merged."""
+    found: dict[str, list[Path]] = {}
+    for folder in sorted(root.iterdir()):
+        if folder.is_dir() and folder.name.lower() in SPLIT_ALIASES:
+            found.setdefault(SPLIT_ALIASES[folder.name.lower()], []).append(folder)
+    for split, folders in found.items():
+        if len(folders) > 1:
+            raise TransferkitError(f"{root} has {len(folders)} folders for the {split} split "
+                                   f"({', '.join(f.name + '/' for f in folders)}); merge them into one")
+    return {split: folders[0] for split, folders in found.items()}
+
+
+def _is_ignored(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_FOLDERS
 
 
 def _from_class_dirs(root: Path) -> DatasetIndex:
@@ -127,9 +153,11 @@ def _from_split_dirs(root: Path, split_dirs: dict[str, Path]) -> DatasetIndex:
 def _scan_classes(folder: Path) -> dict[str, list[Path]]:
     """{class: sorted image paths}; a class folder without images is kept (empty) so it can be reported."""
     by_class = {}
-    for class_dir in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+    for class_dir in sorted(d for d in folder.iterdir() if d.is_dir() and not _is_ignored(d.name)):
         by_class[class_dir.name] = sorted(
-            p for p in class_dir.rglob("*") if p.is_file() and is_image_file(p.name) and not p.name.startswith(".")
+            p for p in class_dir.rglob("*")
+            if p.is_file() and is_image_file(p.name)
+            and not any(_is_ignored(part) for part in p.relative_to(class_dir).parts)
         )
     return by_class
 
@@ -137,10 +165,10 @@ def _scan_classes(folder: Path) -> dict[str, list[Path]]:
 def _from_csv(csv_path: Path) -> DatasetIndex:
     base = csv_path.parent
     try:
-        with open(csv_path, newline="") as fh:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's UTF-8 starts with a BOM
             reader = csv.DictReader(fh)
             columns = [c.strip() for c in reader.fieldnames or []]
-            rows = list(reader)
+            rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise TransferkitError(f"cannot read CSV {csv_path}: {exc}") from exc
     unknown = [c for c in columns if c not in CSV_COLUMNS]
@@ -148,26 +176,56 @@ def _from_csv(csv_path: Path) -> DatasetIndex:
         raise TransferkitError(
             f"CSV {csv_path} has columns {columns}; expected path,label[,split] (unknown: {', '.join(unknown) or 'none'})"
         )
-    entries, missing = [], []
-    for row in rows:
+    too_long = [line for line, row in rows if None in row]  # DictReader keeps surplus fields under the key None
+    if too_long:
+        raise TransferkitError(f"CSV {csv_path}: {_lines(too_long)} {'has' if len(too_long) == 1 else 'have'} more "
+                               f"fields than the {len(columns)} columns; quote paths or labels that contain commas")
+    entries, missing, blank = [], [], []
+    for line, row in rows:
         row = {k.strip(): (v or "").strip() for k, v in row.items()}
         split = SPLIT_ALIASES.get((row.get("split") or "train").lower())
         if split is None:
-            raise TransferkitError(f"CSV {csv_path}: unknown split {row['split']!r}; use train, val or test")
+            raise TransferkitError(f"CSV {csv_path} line {line}: unknown split {row['split']!r}; use train, val or test")
+        if not row["label"] or not row["path"]:
+            blank.append(line)
+            continue
         path = (base / row["path"]).resolve()
         if not path.is_file():
             missing.append(row["path"])
-        entries.append((path, row["label"], split))
+        entries.append((line, path, row["label"], split))
     if missing:
         raise TransferkitError(f"CSV {csv_path} lists {len(missing)} missing files (e.g. {', '.join(missing[:3])})")
-    classes = sorted({label for _, label, _ in entries})
-    samples = [Sample(p, classes.index(label), split) for p, label, split in entries]
+    classes = sorted({label for _, _, label, _ in entries})
+    samples = [Sample(p, classes.index(label), split) for _, p, label, split in entries]
     index = DatasetIndex(base, classes, samples, "csv")
+    if blank:
+        index.problems.append(f"{_lines(blank)} of {csv_path.name} {'has' if len(blank) == 1 else 'have'} "
+                              "a blank path or label; fill them in or delete the rows")
+    index.problems.extend(_listed_twice(entries, csv_path.name))
     train_classes = {s.label for s in index.split("train")}
     for split in index.splits:
         if split != "train" and {s.label for s in index.split(split)} != train_classes:
             index.problems.append(f"class names differ between train and {split}")
     return index
+
+
+def _listed_twice(entries, csv_name: str) -> list[str]:
+    """A file under two labels (or in two splits) would train against itself or leak into val."""
+    rows_of = {}
+    for line, path, label, split in entries:
+        rows_of.setdefault(path, []).append((line, label, split))
+    clashes = [rows for rows in rows_of.values() if len({(label, split) for _, label, split in rows}) > 1]
+    if not clashes:
+        return []
+    lines = [line for line, _, _ in clashes[0]]
+    labels = sorted({f"{label}/{split}" for _, label, split in clashes[0]})
+    return [f"{len(clashes)} files are listed under different labels or splits in {csv_name} "
+            f"(e.g. {_lines(lines)}: {', '.join(labels)}); keep one row per file"]
+
+
+def _lines(numbers: list[int], shown: int = 5) -> str:
+    text = ", ".join(str(n) for n in numbers[:shown]) + (f" and {len(numbers) - shown} more" if len(numbers) > shown else "")
+    return f"line{'s' if len(numbers) > 1 else ''} {text}"
 
 
 def _validate(index: DatasetIndex, strict: bool) -> None:
@@ -180,7 +238,7 @@ def _validate(index: DatasetIndex, strict: bool) -> None:
     if len(index.classes) - len(empty) < 2:
         raise TransferkitError(f"{index.root} has {len(index.classes) - len(empty)} class with images; a classifier needs at least 2")
     if strict and index.problems:
-        raise TransferkitError(f"{index.root}: {index.problems[0]}; fix the folders (see `transferkit data check`)")
+        raise TransferkitError(f"{index.root}: {index.problems[0]} (see `transferkit data check`)")
 
 
 def _carve_val(index: DatasetIndex, val_ratio: float, seed: int) -> None:

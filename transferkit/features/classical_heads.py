@@ -48,7 +48,8 @@ HEAD_FILE = "head.skops"
 MODEL_STEM = "model"
 EVAL_SPLITS = ("val", "test")
 CALIBRATION_FOLDS = 5
-# Everything a head pipeline is made of; skops refuses to load a file holding any other type.
+# Every scikit-learn type a head pipeline transferkit writes is made of; a file holding any other is refused,
+# even one skops trusts by default (a DummyClassifier would answer every image with one class).
 TRUSTED_TYPES = [
     "sklearn.pipeline.Pipeline",
     "sklearn.preprocessing._data.StandardScaler",
@@ -87,7 +88,17 @@ def parse_grid(text: str | None, model: str) -> dict[str, list]:
                 f"bad grid entry {part!r} for {model}; write NAME=v1,v2[;NAME=...] with NAME one of {', '.join(sorted(allowed))}"
             )
         grid[name] = [_number_or_text(v) for v in values.split(",") if v]
+        for value in grid[name]:
+            _check_param(model, name, value)
     return grid
+
+
+def _check_param(model: str, name: str, value) -> None:
+    """scikit-learn validates parameters when fitting: fit on four points so a bad value fails now, in one line."""
+    try:
+        make_estimator(model, **{name: value}).fit(np.array([[0.0], [1.0], [0.1], [0.9]]), np.array([0, 1, 0, 1]))
+    except (ValueError, TypeError) as exc:  # sklearn's InvalidParameterError is both
+        raise TransferkitError(f"bad grid value {name}={value} for {model}: {str(exc).splitlines()[0]}") from exc
 
 
 def make_estimator(model: str, **params):
@@ -265,16 +276,60 @@ def save_head_model(out, result: HeadResult, feature_metadata: Mapping, *, weigh
     return out
 
 
-def load_head(path: str | os.PathLike):
-    """A head pipeline saved by transferkit; any type outside :data:`TRUSTED_TYPES` is refused."""
+def load_head(path: str | os.PathLike, metadata: Mapping | None = None):
+    """A head pipeline saved by transferkit, checked against the model's ``metadata`` when given.
+
+    Refused: a file that is not a skops archive; any type outside :data:`TRUSTED_TYPES` and skops' own
+    numpy/builtin types (checked on the file's schema before anything is built); a pipeline whose
+    classes or input width differ from the class names and feature width in the model's metadata.
+    """
     import skops.io
 
     try:
-        return skops.io.load(path, trusted=TRUSTED_TYPES)
-    except skops.io.exceptions.UntrustedTypesFoundException as exc:
-        raise TransferkitError(f"{path} holds types transferkit does not trust ({exc}); refusing to load it") from exc
-    except (OSError, ValueError, KeyError) as exc:
-        raise TransferkitError(f"cannot read SVM head {path}: {exc}") from exc
+        outside = (_head_types(path) | set(skops.io.get_untrusted_types(file=path))) - set(TRUSTED_TYPES)
+        if outside:
+            raise TransferkitError(f"{path} holds types transferkit does not write ({', '.join(sorted(outside))}); "
+                                   "refusing to load it: re-create the model with `transferkit svm`")
+        head = skops.io.load(path, trusted=TRUSTED_TYPES)
+    except TransferkitError:
+        raise
+    except Exception as exc:  # skops reports damaged archives as whatever zip/json/numpy raised
+        raise TransferkitError(f"cannot read SVM head {path} ({type(exc).__name__}: {exc}); the file is damaged "
+                               "or not a transferkit head: copy the model folder again") from exc
+    if metadata is not None:
+        _check_head_fits(head, metadata, path)
+    return head
+
+
+def _head_types(path) -> set[str]:
+    """``module.Class`` of every scikit-learn object the skops archive would build, read from its schema."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        schema = json.loads(archive.read("schema.json"))
+    found, stack = set(), [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if str(node.get("__module__", "")).startswith("sklearn"):
+                found.add(f"{node['__module__']}.{node['__class__']}")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+def _check_head_fits(head, metadata: Mapping, path) -> None:
+    classes = [int(c) for c in getattr(head, "classes_", [])]
+    width = getattr(head, "n_features_in_", None)
+    expected = len(metadata["class_names"])
+    if not classes or not set(classes) <= set(range(expected)):
+        raise TransferkitError(f"{path} predicts classes {classes}, but the model has {expected} classes "
+                               f"({', '.join(metadata['class_names'])}); the head belongs to another model")
+    if width != metadata.get("feature_dim"):
+        raise TransferkitError(f"{path} takes {width} features, but the backbone gives {metadata.get('feature_dim')}; "
+                               "the head belongs to another model")
 
 
 class SVMPredictor(Predictor):
@@ -311,7 +366,7 @@ def load_svm_predictor(path: Path, metadata: Mapping, device: torch.device) -> S
     if not head_path.is_file():
         raise TransferkitError(f"SVM model {path} lacks its head {head_path.name}; copy the whole model folder")
     model, _ = build_feature_model(metadata["backbone"], weights=path, **metadata.get("model_kwargs", {}))
-    return SVMPredictor(model, load_head(head_path), metadata, device)
+    return SVMPredictor(model, load_head(head_path, metadata), metadata, device)
 
 
 def _number_or_text(value: str):

@@ -18,6 +18,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import warnings
@@ -334,8 +335,7 @@ def start_run(command: str, *, enabled: bool = True, tracking_uri: str | None = 
         return
     import mlflow
 
-    uri = resolve_tracking_uri(tracking_uri)
-    _check_reachable(uri)
+    uri = check_tracking_store(tracking_uri)
     with _tracking_uri_in_use(uri):
         try:
             owner = mlflow.MlflowClient().get_run(run_id) if run_id else None
@@ -398,6 +398,39 @@ def find_model_run(digest: str, tracking_uri: str | None = None):
     runs = client.search_runs(experiments, filter_string=f"tags.{MODEL_DIGEST_TAG} = '{digest}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
+
+
+def check_tracking_store(tracking_uri: str | None = None) -> str:
+    """The resolved URI, once it is known runs can be logged there; commands call it before any work.
+
+    A server must answer (in seconds, not after MLflow's minutes of retries); a local store (sqlite file or
+    file-store folder) must be writable, with the ``mlruns/`` artifacts folder beside a sqlite file.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        _check_reachable(uri)
+        return uri
+    db = sqlite_path(uri)
+    if db is not None:
+        folders, files = [db.parent, db.parent / ARTIFACTS_FOLDER], [db]
+    elif parsed.scheme in ("", "file"):
+        folders, files = [Path(urllib.parse.unquote(parsed.path)).expanduser()], []
+    else:
+        return uri  # another backend (databricks, postgres...): MLflow reports its own errors
+    try:
+        for folder in folders:
+            if folder.exists():
+                tempfile.TemporaryFile(dir=folder).close()
+        if not folders[0].exists():
+            folders[0].mkdir(parents=True)
+        for path in files:
+            if path.exists():
+                os.close(os.open(path, os.O_RDWR))
+    except OSError as exc:
+        raise TransferkitError(f"tracking store {uri} is not writable ({exc.strerror or exc}); pass a writable "
+                               "--tracking-uri (or set MLFLOW_TRACKING_URI), or --no-track") from exc
+    return uri
 
 
 def _check_reachable(tracking_uri: str) -> None:

@@ -8,6 +8,7 @@ saved as ``config.yaml`` in the run folder, so a run can be repeated with ``--re
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -22,7 +23,7 @@ from transferkit.errors import TransferkitError
 # The keys that take one of a fixed set of values (strategy is parsed: partial:N), for validation and the CLI.
 CHOICE_KEYS = {"strategy": choices.STRATEGIES, "optimizer": choices.OPTIMIZERS, "scheduler": choices.SCHEDULERS,
                "balance": choices.BALANCE, "monitor": choices.MONITORS, "resize_mode": choices.RESIZE_MODES,
-               "cache": choices.CACHE_MODES}
+               "cache": choices.CACHE_MODES, "bad_images": choices.BAD_IMAGES}
 # What may differ when a run is resumed: where and how it runs, and how long; never what it learns.
 RESUME_OVERRIDABLE = ("device", "workers", "cache", "track", "tracking_uri", "experiment", "register")
 AUTO_AUG = {"linear-probe": "none"}  # aug left unset: a linear probe gets the feature cache, the rest "light"
@@ -105,6 +106,8 @@ class TrainConfig:
                                             "backbone's own (timm's crop_mode: crop for most).")
     cache: str = setting("none", "Keep decoded images between epochs: none, memory or disk.")
     workers: int | None = setting(None, "Data loading processes (default: CPU count - 1, at most 8).")
+    bad_images: str = setting("error", "An unreadable train/val image: error (stop before training) or skip "
+                                       "(train without it, and say how many).")
     # runtime
     device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
     amp: bool = setting(True, "Mixed precision on GPU (bf16 where supported, else fp16).")
@@ -226,8 +229,16 @@ def validate(config: TrainConfig) -> None:
         _bad("freeze_epochs", config.freeze_epochs,
              f"freeze-unfreeze with {config.freeze_epochs} head-only epochs needs epochs >= {config.freeze_epochs + 1} "
              f"(or freeze_epochs: 0, the default, where the head is fitted on cached features at no epoch's cost)")
+    if config.name is not None:
+        _check_run_name(config.name)
     if config.balance == "weights" and (config.mixup or config.cutmix):
         _bad("balance", "weights", "class weights do not apply to mixed soft targets; use balance: sampler with mixup/cutmix")
+
+
+def _check_run_name(name: str) -> None:
+    """A run name is one folder inside ``out``: never a path that leads elsewhere."""
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or os.sep in name:
+        _bad("name", name, "a run name is a single folder name, without / or \\ (the folder goes in --out)")
 
 
 def _check_keys(values: Mapping, where: str) -> dict:
@@ -254,13 +265,20 @@ def _coerce(key: str, value):
                 return value
             raise ValueError
         if base == "int":
-            if isinstance(value, bool) or float(value) != int(float(value)):
+            if isinstance(value, bool):
+                raise ValueError
+            if not math.isfinite(float(value)):
+                _bad(key, value, "it must be a finite number")
+            if float(value) != int(float(value)):
                 raise ValueError
             return int(float(value))
         if base == "float":
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                _bad(key, value, "it must be a finite number")
+            return number
         if base == "str":
             if isinstance(value, (dict, list, bool)):
                 raise ValueError

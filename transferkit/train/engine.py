@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferkit.core import distributed
-from transferkit.core.fileio import atomic_path, ensure_writable_dir, write_json
+from transferkit.core.fileio import atomic_path, ensure_writable_dir, free_name, write_json
 from transferkit.core.runtime import (
     amp_dtype,
     autocast,
@@ -48,7 +49,7 @@ from transferkit.errors import TransferkitError
 from transferkit.models.backbones import load_backbone
 from transferkit.models.saved_model import checkpoint_metadata, read_checkpoint_metadata, save_checkpoint
 from transferkit.reports.metrics import CHECKPOINT_COLUMNS, EPOCH_COLUMNS, EPOCH_SERIES_PREFIX
-from transferkit.train import loaders, resume_state
+from transferkit.train import loaders, preflight, resume_state
 from transferkit.train.config import TrainConfig
 from transferkit.train.lr_finder import LRFinding
 from transferkit.train.optim import Schedule, build_optimizer
@@ -59,6 +60,9 @@ TIMING_COLUMNS = ("epoch_seconds", "images_per_s")
 # A val loss counts as progress (new best, early-stopping patience reset) only if it beats the best by this
 # fraction: torch's ReduceLROnPlateau default, so the plateau schedule and early stopping agree on a stall.
 MIN_REL_IMPROVEMENT = 1e-4
+# The PID of the process starting a run, until its first epoch commits: a folder left by a start that died
+# before that (only this, config.yaml and split.csv in it) is replaced by the next start of the same name.
+OWNER_FILE = ".started-by"
 
 
 @dataclass
@@ -92,23 +96,24 @@ def find_lr(config: TrainConfig, *, plot: str | os.PathLike | None = None, progr
 
 def finetune(config: TrainConfig, *, resume: str | os.PathLike | None = None, recipe: str | None = None,
              progress: bool = True, on_epoch_end: Callable[[int, dict], bool] | None = None,
-             features: str | os.PathLike | None = None) -> RunResult:
+             features: str | os.PathLike | None = None, allow_data_change: bool = False) -> RunResult:
     """Train ``config`` into a new run folder, or continue the run folder ``resume`` (whose config it is).
 
     ``on_epoch_end(epoch, row)`` is called after each committed epoch with its metrics.csv row; returning
     True stops the run there, finished like an early stop (a hyper-parameter search prunes trials this way).
     ``features`` is an ``extract`` file of this backbone, weights and data that a linear probe with the
     feature cache reuses instead of running the backbone again (it is recomputed when it does not match).
+    Resuming on data that changed since the run started is refused unless ``allow_data_change``.
     """
     device = select_device(config.device)
     with distributed.process_group(device):
         return _Run(config, device, resume=resume, recipe=recipe, progress=progress, on_epoch_end=on_epoch_end,
-                    features=features).execute()
+                    features=features, allow_data_change=allow_data_change).execute()
 
 
 class _Run:
     def __init__(self, config: TrainConfig, device: torch.device, *, resume, recipe, progress, folder: bool = True,
-                 on_epoch_end=None, features=None):
+                 on_epoch_end=None, features=None, allow_data_change: bool = False):
         self.config = config
         self.on_epoch_end = on_epoch_end
         self.features_file = features
@@ -122,6 +127,15 @@ class _Run:
         self.fingerprint = self.index.fingerprint()  # stats every file: once per run, not per checkpoint
         self.classes = self.index.classes
         self.model, self.preprocessing = self._load_model()
+        preflight.check_strategy(config, self.model)
+        preflight.check_augmentation(config, self.preprocessing)
+        if self.state is not None:
+            change = preflight.check_same_data(Path(resume), self.state["identity"].get("dataset_fingerprint"),
+                                               self.index, self.fingerprint, allow_data_change)
+            if change:
+                self._say(f"warning: resuming on changed data ({change}), as --allow-data-change asks")
+        if folder:
+            preflight.check_tracking(config)
         self.run_dir = self._run_dir(resume) if folder else None
         self.phases = phases(config)
         self.history: list[dict] = []
@@ -135,6 +149,9 @@ class _Run:
     def _discover(self):
         config = self.config
         index = discover(config.data, val_ratio=config.val_ratio, seed=config.seed)
+        skipped = preflight.check_images(index, config.bad_images)
+        if skipped:
+            self._say(f"skipped {len(skipped)} unreadable images (bad_images: skip), e.g. {skipped[0]}")
         counts = index.counts()
         for split in ("train", "val"):
             missing = [c for c in index.classes if counts.get(split, {}).get(c, 0) == 0]
@@ -206,15 +223,36 @@ class _Run:
         if name is None:
             from transferkit.tracking.runs import default_run_name
 
-            name = _free_name(out, default_run_name(self.config.backbone, self.config.strategy.replace(":", "")))
-        elif (out / name).exists():
+            base = default_run_name(self.config.backbone, self.config.strategy.replace(":", ""))
+            while not _claim(out / (name := free_name(out, base))):
+                pass  # another process took that name between the check and the claim
+            return name
+        if not _claim(out / name):
             raise TransferkitError(f"run folder {out / name} already exists; pick another --name or --resume it")
-        (out / name).mkdir()
         return name
 
     # ------------------------------------------------------------------ the run
 
     def execute(self) -> RunResult:
+        try:
+            return self._execute()
+        except BaseException as exc:
+            if distributed.is_main():
+                self._after_failure(exc)
+            raise
+
+    def _after_failure(self, exc: BaseException) -> None:
+        """Never leave a dead folder: one that no epoch committed is removed; a resumable one says so."""
+        if self.state is None and not (self.run_dir / resume_state.STATE_FILE).exists():
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            return
+        for stray in self.run_dir.rglob(".*.tmp"):  # a signal inside mkstemp leaves a temp file nobody named
+            stray.unlink(missing_ok=True)
+        if isinstance(exc, (KeyboardInterrupt, TransferkitError)):
+            self._say(f"the run stopped; its last completed epoch is kept: continue with "
+                      f"`transferkit finetune --resume {self.run_dir}`")
+
+    def _execute(self) -> RunResult:
         from transferkit.tracking.runs import default_experiment_name, run_tags, start_run
 
         config = self.config
@@ -494,6 +532,10 @@ class _Run:
                 with autocast(self.device, self.amp):
                     logits = self.net(inputs)
                     loss = self.criterion(logits.float(), targets)
+            if not math.isfinite(loss.item()):
+                raise TransferkitError(
+                    f"the training loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}; lower --lr, "
+                    "set grad_clip, or check the data (the last completed epoch's checkpoint is kept)", exit_code=1)
                 self.scaler.scale(loss / config.accum_steps).backward()
             if sync:
                 if config.grad_clip:
@@ -572,13 +614,15 @@ class _Run:
             self._log_epoch(improved)
             resume_state.save_state(self.run_dir, {
                 "epoch": epoch, "phase": phase.index,
-                "identity": {"backbone": self.config.backbone, "class_names": list(self.classes)},
+                "identity": {"backbone": self.config.backbone, "class_names": list(self.classes),
+                             "dataset_fingerprint": self.fingerprint},
                 "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": resume_state.rng_state(),
                 "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
                 "best_extra": self.best_extra, "ema": self.ema.state_dict() if self.ema is not None else {},
             })
+            (self.run_dir / OWNER_FILE).unlink(missing_ok=True)  # committed: a run now, never replaced
         distributed.barrier()
 
     def _calibrate(self) -> None:
@@ -750,10 +794,33 @@ def _epoch_line(row: dict, epochs: int) -> str:
             + ("  (EMA weights)" if row.get("val_weights_ema") else ""))
 
 
-def _free_name(out: Path, name: str) -> str:
-    """``name``, or ``name-2``, ``name-3``... if a run folder of that name exists (never overwrite a run)."""
-    candidate, n = name, 1
-    while (out / candidate).exists():
-        n += 1
-        candidate = f"{name}-{n}"
-    return candidate
+def _claim(run_dir: Path) -> bool:
+    """Create ``run_dir`` for this process; False if it exists and is not an abandoned start."""
+    try:
+        run_dir.mkdir()
+    except FileExistsError:
+        if not _abandoned(run_dir):
+            return False
+        shutil.rmtree(run_dir, ignore_errors=True)
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            return False  # a simultaneous start took it first
+    (run_dir / OWNER_FILE).write_text(str(os.getpid()))
+    return True
+
+
+def _abandoned(run_dir: Path) -> bool:
+    owner = run_dir / OWNER_FILE
+    if not owner.is_file():
+        return False
+    if any(p.name not in (OWNER_FILE, "config.yaml", "split.csv") and not p.name.endswith(".tmp")
+           for p in run_dir.iterdir()):
+        return False
+    try:
+        os.kill(int(owner.read_text()), 0)
+    except (ValueError, ProcessLookupError):
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -50,6 +50,10 @@ def evaluate(model_spec, data, split: str | None = None, tta: str = "none", batc
     from transferkit.use.predict import check_tta
 
     check_tta(tta)
+    if track:  # fail before the work, not after it
+        from transferkit.tracking.runs import check_tracking_store
+
+        check_tracking_store(tracking_uri)
     index = discover(data, val_ratio=0, strict=False)
     checkpoint = find_checkpoint(model_spec)  # an MLflow URI is downloaded once, here
     predictor = load_predictor(checkpoint, select_device(device))
