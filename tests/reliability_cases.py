@@ -28,7 +28,7 @@ from conftest import TINY_BACKBONE, make_dataset, make_image
 from PIL import Image
 
 HEADER = ("case", "issue", "command", "exit", "message", "left on disk")
-PROGRESS_PREFIXES = ("phase ", "epoch ", "features extracted", "val report", "run ", "resuming ")
+NOTICE_PREFIXES = ("error: ", "warning: ", "skipped ", "the run stopped", "interrupted")
 _BUILT: dict = {}  # inputs several cases share, built once per weights file and copied into each case's folder
 
 
@@ -366,15 +366,11 @@ def run_case(case: Case, root: Path, weights: Path) -> dict:
 
 
 def _message(stdout: str, stderr: str) -> str:
-    """The error line; else `data check`'s findings; else the last line said (with a --resume hint before it)."""
-    said = [line for line in stderr.splitlines() if line.strip() and not line.startswith(PROGRESS_PREFIXES)]
-    errors = [line for line in said if line.startswith("error: ")]
+    """What the command said about the case: its notices (the --resume hint, warnings, skips) and error line;
+    `data check`'s findings; else the last line of its output."""
+    said = [line for line in stderr.splitlines() if line.startswith(NOTICE_PREFIXES)]
     findings = [line for line in stdout.splitlines() if line.startswith(("ERROR", "WARNING"))]
-    if findings and not errors:
-        return " / ".join(findings)
-    lines = said or stdout.strip().splitlines() or [""]
-    resume_hint = [line for line in lines[-2:-1] if "--resume" in line]
-    return " / ".join(resume_hint + [errors[-1] if errors else lines[-1]])
+    return " / ".join(said or findings or stdout.strip().splitlines()[-1:])
 
 
 def _run_in_process(args: list[str], env: dict) -> tuple[int, str, str]:
