@@ -195,3 +195,13 @@ def test_resume_refuses_content_changes_by_name(tmp_path, tiny_data, tiny_weight
     assert result.exit_code == 2 and "files edited in place" in result.stderr
     assert runner.invoke(main, ["finetune", "--resume", str(run), "--allow-data-change"]).exit_code == 0
     assert Path(run / "result.json").is_file()
+
+
+def test_the_loss_guard_leaves_training_intact(tiny_data, tiny_weights, tmp_path, runner):
+    """The finiteness check sits in the training step: the step must still update the weights."""
+    from safetensors.torch import load_file
+
+    result = runner.invoke(main, _finetune(tiny_data, tiny_weights, tmp_path / "runs", "--strategy", "full"))
+    assert result.exit_code == 0, result.output
+    before, after = load_file(str(tiny_weights)), load_file(str(tmp_path / "runs" / "r" / "last.safetensors"))
+    assert not np.allclose(before["conv_stem.weight"].numpy(), after["conv_stem.weight"].numpy())

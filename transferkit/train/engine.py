@@ -532,10 +532,7 @@ class _Run:
                 with autocast(self.device, self.amp):
                     logits = self.net(inputs)
                     loss = self.criterion(logits.float(), targets)
-            if not math.isfinite(loss.item()):
-                raise TransferkitError(
-                    f"the training loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}; lower --lr, "
-                    "set grad_clip, or check the data (the last completed epoch's checkpoint is kept)", exit_code=1)
+                self._stop_if_not_finite(loss, epoch, step)
                 self.scaler.scale(loss / config.accum_steps).backward()
             if sync:
                 if config.grad_clip:
@@ -559,6 +556,18 @@ class _Run:
         if bar is not None:
             bar.close()
         return loss_sum / count, correct / count, int(count)
+
+    def _stop_if_not_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        """A NaN/inf loss ends the run before it reaches the weights; the last committed epoch stays resumable.
+        Under torchrun every rank learns of it (a sum across ranks), so none waits forever in backward."""
+        value = loss.item()
+        bad = not math.isfinite(value)
+        if distributed.world_size() > 1:
+            bad = distributed.all_reduce_sum([float(bad)], self.device)[0] > 0
+        if bad:
+            raise TransferkitError(
+                f"the training loss became {value} at epoch {epoch + 1}, batch {step + 1}; lower --lr, set grad_clip, "
+                "or check the data (the last completed epoch's checkpoint is kept)", exit_code=1)
 
     def _evaluate(self, module: nn.Module | None = None) -> dict:
         """Val loss (plain cross-entropy), accuracy and macro-F1 over the whole val split, on every rank."""
