@@ -72,9 +72,9 @@ def test_checkpoints_get_the_usual_file_mode(tmp_path, tiny_weights):
     from transferkit.models.backbones import load_backbone
     from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
 
-    model, data_config = load_backbone(TINY_BACKBONE, weights=tiny_weights, num_classes=2)
-    path = save_checkpoint(tmp_path / "best", model, checkpoint_metadata(model, kind="classifier",
-                                                                         class_names=["a", "b"], data_config=data_config))
+    model, preprocessing = load_backbone(TINY_BACKBONE, weights=tiny_weights, num_classes=2)
+    path = save_checkpoint(tmp_path / "best", model, checkpoint_metadata(
+        model, kind="classifier", class_names=["a", "b"], preprocessing=preprocessing))
     expected = 0o666 & ~_umask()
     assert path.stat().st_mode & 0o777 == expected and path.with_suffix(".json").stat().st_mode & 0o777 == expected
 
