@@ -48,14 +48,17 @@ def _tracking_uri_in_use(uri: str):
     variable must survive a tracked command run in-process (a notebook, the test suite).
     """
     import mlflow
-    from mlflow.tracking._tracking_service import utils as mlflow_uri_state
 
-    saved_uri, saved_env = mlflow_uri_state._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    # Restore None where the URI came from the environment (or nowhere), so MLflow keeps following the
+    # variable and its default store instead of a pinned copy of what they said at this moment.
+    current = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    saved_uri = None if current == saved_env else current
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow_uri_state.set_tracking_uri(saved_uri)
+        mlflow.set_tracking_uri(saved_uri)
         if saved_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
