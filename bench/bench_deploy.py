@@ -29,7 +29,7 @@ RUN = REPO / "bench" / "out" / "signdigits-lite0"
 def finetuned_model(epochs: int) -> Path:
     """The cached finetuned run, trained with the quick-cpu recipe when absent."""
     if not (RUN / "best.safetensors").is_file():
-        subprocess.run([sys.executable, "-m", "transferkit", "finetune", "--recipe", str(REPO / "recipes" / "quick-cpu.yaml"),
+        subprocess.run([sys.executable, "-m", "transferkit", "finetune", "--recipe", "quick-cpu",
                         "--data", str(SIGNDIGITS), "--weights", str(WEIGHTS), "--epochs", str(epochs), "--cache", "memory",
                         "--out", str(RUN.parent), "--name", RUN.name, "--no-track"], check=True)
     return RUN
