@@ -396,6 +396,11 @@ def _run_with_sigterm(args: list[str], wait_for: str, env: dict, root: Path) -> 
                 break
             time.sleep(0.01)
         code = process.wait(timeout=120)
+    # A SIGTERM that lands inside an eval() during a lazy import (namedtuple does one) makes CPython 3.11 end the
+    # process by re-raising SIGINT after our handler has printed "interrupted" and exited 130; a shell reports
+    # both as 130 (128 + SIGINT), so the table does too.
+    if code == -signal.SIGINT:
+        code = 128 + signal.SIGINT
     text = log.read_text()
     log.unlink()
     return code, text
