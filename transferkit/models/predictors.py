@@ -78,4 +78,8 @@ class ClassifierPredictor(Predictor):
 
         with autocast(self.device):
             logits = self.model(to_device(batch, self.device))
-        return (logits.float() / self.temperature).softmax(-1).cpu().numpy()
+        return self.probabilities(logits).cpu().numpy()
+
+    def probabilities(self, logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Softmax with the model's fitted temperature: every use of this model is calibrated the same way."""
+        return (logits.float() / self.temperature).softmax(dim)

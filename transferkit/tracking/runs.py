@@ -374,15 +374,10 @@ def start_run(command: str, *, enabled: bool = True, tracking_uri: str | None = 
 
 def model_digest(checkpoint: str | os.PathLike) -> str:
     """SHA-256 of a checkpoint file (``find_checkpoint`` resolves folders): the model's identity across copies."""
-    import hashlib
-
+    from transferkit.core.fileio import sha256_file
     from transferkit.models.saved_model import find_checkpoint
 
-    digest = hashlib.sha256()
-    with open(find_checkpoint(checkpoint), "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(find_checkpoint(checkpoint))
 
 
 def find_model_run(digest: str, tracking_uri: str | None = None):

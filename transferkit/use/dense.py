@@ -74,7 +74,7 @@ def dense_map(predictor, image: np.ndarray, short_side: int | None = None) -> De
     tensor = tensor.unsqueeze(0)
     with torch.inference_mode():
         logits = dense_logits(predictor.model, tensor.to(predictor.device).float())
-    probabilities = (logits[0].float() / predictor.temperature).softmax(0)  # calibrated like ordinary predictions
+    probabilities = predictor.probabilities(logits[0], dim=0)  # calibrated like ordinary predictions
     return DenseMap(view, probabilities.cpu().numpy(), list(predictor.class_names))
 
 

@@ -91,7 +91,7 @@ class ClassActivationMaps:
         batch = tensor.unsqueeze(0).to(self.predictor.device)
         heatmap = self._cam(input_tensor=batch, targets=None if target is None else [ClassifierOutputTarget(target)])[0]
         logits = self._cam.outputs.detach().float()[0]  # the CAM's own forward pass
-        probabilities = (logits / self.predictor.temperature).softmax(-1).cpu().numpy()
+        probabilities = self.predictor.probabilities(logits).cpu().numpy()
         return CamResult(self.predictor.preprocessing.denormalize(tensor), heatmap, probabilities,  # the pixels seen
                          int(probabilities.argmax()) if target is None else target)
 
