@@ -108,6 +108,24 @@ def test_lp_ft_fits_the_head_on_features_from_one_backbone_pass(tiny_data, tiny_
     assert {"val_ece_uncalibrated", "val_ece_calibrated"} <= set(summary)
 
 
+def test_lp_ft_model_is_kept_when_unfreezing_does_worse(tiny_data, tiny_weights, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from transferkit.train import engine
+
+    evaluate = engine._Run._evaluate
+    monkeypatch.setattr(engine._Run, "_evaluate",  # as if every full epoch lost what the linear probe had
+                        lambda run, module=None: {**evaluate(run, module), "val_loss": 50.0})
+    result = finetune(config_for(tiny_data, tiny_weights, tmp_path, epochs=2, early_stopping=0), progress=False)
+    assert result.best_epoch == 0 and len(result.history) == 2 and result.best["val_loss"] < 50
+    saved = json.loads((result.run_dir / "result.json").read_text())
+    assert saved["best_epoch"] == 0 and json.loads((result.run_dir / "best.json").read_text())["epoch"] == 0
+    best, last = (load_file(str(result.run_dir / f"{stem}.safetensors")) for stem in ("best", "last"))
+    pretrained = load_file(str(tiny_weights))
+    assert torch.equal(best["conv_stem.weight"], pretrained["conv_stem.weight"])  # the untouched body...
+    assert not torch.equal(last["conv_stem.weight"], pretrained["conv_stem.weight"])  # ...that training moved
+
+
 def test_temperature_scaling_lowers_nll_of_an_over_confident_model():
     from transferkit.train.calibration import calibrate
 

@@ -61,8 +61,10 @@ TIMING_COLUMNS = ("epoch_seconds", "images_per_s")
 # fraction: torch's ReduceLROnPlateau default, so the plateau schedule and early stopping agree on a stall.
 MIN_REL_IMPROVEMENT = 1e-4
 # The PID of the process starting a run, until its first epoch commits: a folder left by a start that died
-# before that (only this, config.yaml and split.csv in it) is replaced by the next start of the same name.
+# before that (only the files below in it) is replaced by the next start of the same name.
 OWNER_FILE = ".started-by"
+# What a start writes before its first epoch commits (best.*: the LP-FT head's epoch-0 checkpoint).
+UNCOMMITTED_FILES = (OWNER_FILE, "config.yaml", "split.csv", "best.safetensors", "best.json")
 
 
 @dataclass
@@ -391,12 +393,31 @@ class _Run:
         from transferkit.train.head_phase import fit_head_on_features
 
         config = self.config
-        fit = fit_head_on_features(self.model.get_classifier(), *self.head_features, weight_decay=config.weight_decay,
+        head = self.model.get_classifier()
+        fit = fit_head_on_features(head, *self.head_features, weight_decay=config.weight_decay,
                                    label_smoothing=config.label_smoothing, seed=config.seed)
-        self.head_features = None
         self._say(fit.summary())
         self.tracker.log_metrics({"head_fit_epochs": fit.epochs, "head_fit_val_loss": fit.val_loss,
                                   "head_fit_val_accuracy": fit.val_accuracy, "head_fit_seconds": fit.seconds})
+        self._head_candidate(head)
+        self.head_features = None
+
+    @torch.inference_mode()
+    def _head_candidate(self, head: nn.Module) -> None:
+        """The LP-FT model (pretrained body, fitted head) is epoch 0's candidate for the best checkpoint: on a
+        small or easy set, unfreezing can lose what the linear probe had, and the run then keeps the probe.
+        Scored on the cached val vectors, which are exactly what the model computes on val images."""
+        val_x, val_y = self.head_features[1].tensors
+        head.eval()
+        row = {"epoch": 0, **self._scores(val_y, head(val_x.to(self.device)).float().cpu())}
+        self.best, self.bad_epochs = row, 0
+        self._say(f"epoch 0 (LP-FT head on the pretrained body): val_loss {row['val_loss']:.4f}  "
+                  f"val_accuracy {row['val_accuracy']:.3f}  val_macro_f1 {row['val_macro_f1']:.3f}  *best")
+        if distributed.is_main():
+            if self.ema is not None:
+                self.best_extra["weights"] = "raw"
+            self._save_model("best", row, **self.best_extra)
+            self._log_summary()
 
     def _auto_lr(self) -> None:
         """``lr: auto``: the LR range test picks ``lr``, which the saved config then holds (so resume reuses it)."""
@@ -571,9 +592,11 @@ class _Run:
 
     def _evaluate(self, module: nn.Module | None = None) -> dict:
         """Val loss (plain cross-entropy), accuracy and macro-F1 over the whole val split, on every rank."""
+        return self._scores(*self._val_logits(module or self.forward))
+
+    def _scores(self, labels: torch.Tensor, logits: torch.Tensor) -> dict:
         from transferkit.reports.metrics import classification_metrics
 
-        labels, logits = self._val_logits(module or self.forward)
         metrics = classification_metrics(labels.numpy(), logits.softmax(1).numpy(), self.classes, topk=(1,))
         return {"val_loss": F.cross_entropy(logits, labels).item(), "val_accuracy": metrics["accuracy"],
                 "val_macro_f1": metrics["macro_f1"]}
@@ -823,7 +846,7 @@ def _abandoned(run_dir: Path) -> bool:
     owner = run_dir / OWNER_FILE
     if not owner.is_file():
         return False
-    if any(p.name not in (OWNER_FILE, "config.yaml", "split.csv") and not p.name.endswith(".tmp")
+    if any(p.name not in UNCOMMITTED_FILES and not p.name.endswith(".tmp")
            for p in run_dir.iterdir()):
         return False
     try:
