@@ -6,7 +6,8 @@ On ../shared/data/roads with ../shared/weights/tf_efficientnet_lite0.safetensors
    the bare model forward on pre-decoded, pre-transformed tensors, same batch size and torch threads;
    the roads file list is repeated (symlinks) to --repeat x 89 images so start-up does not dominate;
 2. wall time of ``transferkit svm --backbone --data --no-track`` (extract + grid search + save) against one
-   ``transferkit extract`` of the same data, both as fresh CLI processes;
+   ``transferkit extract`` of the same data, both as fresh CLI processes; on the repeated roads frames or
+   (``--svm-data signdigits3000``) on 3,000 photos in 10 classes;
 3. val accuracy of linear-svm, rbf-svm and logistic (default grids, 5-fold CV on train) on the plain
    roads features;
 4. peak RSS of an extraction at 1x and --rss-scale x the images, each in its own process.
@@ -15,6 +16,7 @@ The machine is shared: every timing is the best of --rounds interleaved repeats 
 
     .venv/bin/python bench/bench_features.py
     .venv/bin/python bench/bench_features.py --repeat 6 --rounds 2 --rss-base 89 --rss-scale 10
+    .venv/bin/python bench/bench_features.py --only svm --svm-data signdigits3000 --rounds 1
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import BACKBONE, ROADS, WEIGHTS
+from _common import BACKBONE, ROADS, SHARED, WEIGHTS
+
+SIGNDIGITS = SHARED / "data" / "signdigits"
 
 CLI = [sys.executable, "-m", "transferkit"]
 
@@ -42,6 +46,23 @@ def repeated_dataset(folder: Path, images: int) -> Path:
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
             link.symlink_to(src)
+    return folder
+
+
+def signdigits_3000(folder: Path, images: int = 3000) -> Path:
+    """A 10-class set of ``images`` distinct photos: every signdigits train and validation image (1,752, as
+    symlinks) plus mirrored copies of the first ones (re-encoded JPEGs), in one folder per class."""
+    from PIL import Image, ImageOps
+
+    sources = sorted(p for p in SIGNDIGITS.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    for k in range(images):
+        src = sources[k % len(sources)]
+        target = folder / src.parent.name / f"{src.parent.parent.name}_{src.stem}{'_m' if k >= len(sources) else ''}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if k < len(sources):
+            target.symlink_to(src)
+        else:
+            ImageOps.mirror(Image.open(src).convert("RGB")).save(target, quality=95)
     return folder
 
 
@@ -78,14 +99,16 @@ def extraction_vs_bare_forward(data: Path, out: Path, batch_size: int, rounds: i
             "cpu_bound_ratio": round(1 / (1 + max(bare) / (torch.get_num_threads() * decode_img_s)), 3)}
 
 
-def svm_vs_extract(data: Path, work: Path, rounds: int) -> dict:
+def svm_vs_extract(data: Path, work: Path, rounds: int, model: str) -> dict:
     common = ["--backbone", BACKBONE, "--weights", str(WEIGHTS), "--data", str(data), "--device", "cpu"]
     extract_s, svm_s = [], []
     for r in range(rounds):
         extract_s.append(_timed([*CLI, "extract", *common, "--out", str(work / f"x{r}.parquet")]))
-        svm_s.append(_timed([*CLI, "svm", *common, "--model", "linear-svm", "--out", str(work / f"svm{r}"),
+        svm_s.append(_timed([*CLI, "svm", *common, "--model", model, "--out", str(work / f"svm{r}"),
                              "--no-track"]))
-    return {"extract_s": extract_s, "svm_s": svm_s, "ratio_best": round(min(svm_s) / min(extract_s), 3)}
+    images = sum(1 for p in data.rglob("*") if p.is_file())
+    return {"images": images, "model": model, "extract_s": extract_s, "svm_s": svm_s,
+            "ratio_best": round(min(svm_s) / min(extract_s), 3)}
 
 
 def head_accuracies(work: Path) -> dict:
@@ -129,6 +152,9 @@ def main() -> None:
     parser.add_argument("--rss-base", type=int, default=89, help="Images in the 1x RSS run.")
     parser.add_argument("--rss-scale", type=int, default=10)
     parser.add_argument("--only", nargs="*", default=("speed", "svm", "accuracy", "rss"))
+    parser.add_argument("--svm-data", choices=("roads", "signdigits3000"), default="roads",
+                        help="(2) on the repeated roads frames, or on 3,000 signdigits photos in 10 classes.")
+    parser.add_argument("--svm-model", default="logistic", help="Head of (2) (the svm command's default: logistic).")
     args = parser.parse_args()
     if not (WEIGHTS.is_file() and ROADS.is_dir()):
         sys.exit(f"needs {WEIGHTS} and {ROADS}")
@@ -142,7 +168,8 @@ def main() -> None:
                 data, work / "speed.parquet", args.batch_size, args.rounds)
             print(json.dumps({"1_extraction_vs_bare_forward": results["1_extraction_vs_bare_forward"]}), flush=True)
         if "svm" in args.only:
-            results["2_svm_vs_extract_wall"] = svm_vs_extract(data, work, args.rounds)
+            svm_data = data if args.svm_data == "roads" else signdigits_3000(work / "signdigits3000")
+            results["2_svm_vs_extract_wall"] = svm_vs_extract(svm_data, work, args.rounds, args.svm_model)
             print(json.dumps({"2_svm_vs_extract_wall": results["2_svm_vs_extract_wall"]}), flush=True)
         if "accuracy" in args.only:
             results["3_val_accuracy_roads"] = head_accuracies(work)

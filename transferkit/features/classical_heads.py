@@ -126,6 +126,7 @@ def fit_head(features, model: str = "logistic", *, cv: int = 5, grid: str | Mapp
     """
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     table, metadata = read_features(features) if isinstance(features, (str, os.PathLike)) else features
     grid = parse_grid(grid, model) if not isinstance(grid, Mapping) else dict(grid)
@@ -135,10 +136,13 @@ def fit_head(features, model: str = "logistic", *, cv: int = 5, grid: str | Mapp
     train = table.subset("train")
     smallest = _smallest_class_count(train, class_names)
     folds = int(min(cv, smallest))
-    best, score = grid_search(model, grid, train.vectors, train.label_index, folds=folds, seed=seed, n_jobs=n_jobs,
-                              progress=progress)
-    pipeline = Pipeline([("scale", StandardScaler()), ("clf", _final_estimator(model, best, smallest, n_jobs))])
-    pipeline.fit(train.vectors, train.label_index)  # the one fit on all train rows
+    # One BLAS thread per fit: the matrices are small, and BLAS threads spinning against the search's own
+    # threads (or anything else on the machine) made the search 8x slower on a 2-core box.
+    with threadpool_limits(1):
+        best, score = grid_search(model, grid, train.vectors, train.label_index, folds=folds, seed=seed,
+                                  n_jobs=n_jobs, progress=progress)
+        pipeline = Pipeline([("scale", StandardScaler()), ("clf", _final_estimator(model, best, smallest, n_jobs))])
+        pipeline.fit(train.vectors, train.label_index)  # the one fit on all train rows
     result = HeadResult(model, pipeline, best, folds, score)
     for split in EVAL_SPLITS:
         rows = table.subset(split)
@@ -177,7 +181,7 @@ def grid_search(model: str, grid: Mapping, vectors: np.ndarray, labels: np.ndarr
             scores[i] = fold_scores
             bar.update()
     mean = scores.mean(axis=0)
-    best = int(mean.argmax())
+    best = int(np.flatnonzero(np.isclose(mean, mean.max(), rtol=0, atol=1e-9))[0])  # a tie: the smallest C
     return dict(candidates[best]), float(mean[best])
 
 

@@ -44,8 +44,6 @@ def rank_backbones(backbones: list[str], data: str, out: str | Path, *, top_k: i
                    workers: int | None = None, batch_size: int = 32, pretrained: bool = True,
                    say=print) -> pd.DataFrame:
     """One row per backbone, best first: probe CV accuracy, its val accuracy, size, and whether it made the cut."""
-    from threadpoolctl import threadpool_limits
-
     from transferkit.features.classical_heads import fit_head
     from transferkit.features.extract import extract_features
 
@@ -57,8 +55,7 @@ def rank_backbones(backbones: list[str], data: str, out: str | Path, *, top_k: i
                                 val_ratio=val_ratio, seed=seed,
                                 data_overrides={"img_size": img_size} if img_size else None)
         extracted = time.perf_counter() - started
-        with threadpool_limits(1):  # a small problem: BLAS threads only contend (50x slower on a busy 2-core box)
-            probe = fit_head(path, "logistic", cv=PROBE_FOLDS, grid=PROBE_GRID, seed=seed)
+        probe = fit_head(path, "logistic", cv=PROBE_FOLDS, grid=PROBE_GRID, seed=seed)
         rows.append({"backbone": backbone, "probe_cv_accuracy": probe.cv_accuracy,
                      "probe_val_accuracy": probe.metrics.get("val", {}).get("accuracy"),
                      "params_m": parameter_count(backbone) / 1e6, "features_seconds": round(extracted, 1),
