@@ -93,7 +93,7 @@ def _finetune(tiny_data, tiny_weights, out, *extra):
 
 def test_a_start_killed_before_its_first_epoch_is_replaced_by_the_same_command(tiny_data, tiny_weights, tmp_path,
                                                                                 runner):
-    from transferkit.train.engine import OWNER_FILE
+    from transferkit.train.run_folder import OWNER_FILE
 
     run = tmp_path / "runs" / "r"
     run.mkdir(parents=True)
@@ -108,7 +108,7 @@ def test_a_start_killed_before_its_first_epoch_is_replaced_by_the_same_command(t
 
 
 def test_a_same_name_start_still_running_is_not_replaced(tiny_data, tiny_weights, tmp_path, runner):
-    from transferkit.train.engine import OWNER_FILE
+    from transferkit.train.run_folder import OWNER_FILE
 
     run = tmp_path / "runs" / "r"
     run.mkdir(parents=True)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferkit.core import distributed
-from transferkit.core.fileio import atomic_path, ensure_writable_dir, free_name, write_json
+from transferkit.core.fileio import atomic_path, ensure_writable_dir, write_json
 from transferkit.core.runtime import (
     amp_dtype,
     autocast,
@@ -49,7 +49,7 @@ from transferkit.errors import TransferkitError
 from transferkit.models.backbones import load_backbone
 from transferkit.models.saved_model import checkpoint_metadata, read_checkpoint_metadata, save_checkpoint
 from transferkit.reports.metrics import CHECKPOINT_COLUMNS, EPOCH_COLUMNS, EPOCH_SERIES_PREFIX
-from transferkit.train import loaders, preflight, resume_state
+from transferkit.train import loaders, preflight, resume_state, run_folder
 from transferkit.train.config import TrainConfig
 from transferkit.train.lr_finder import LRFinding
 from transferkit.train.optim import Schedule, build_optimizer
@@ -60,11 +60,6 @@ TIMING_COLUMNS = ("epoch_seconds", "images_per_s")
 # A val loss counts as progress (new best, early-stopping patience reset) only if it beats the best by this
 # fraction: torch's ReduceLROnPlateau default, so the plateau schedule and early stopping agree on a stall.
 MIN_REL_IMPROVEMENT = 1e-4
-# The PID of the process starting a run, until its first epoch commits: a folder left by a start that died
-# before that (only the files below in it) is replaced by the next start of the same name.
-OWNER_FILE = ".started-by"
-# What a start writes before its first epoch commits (best.*: the LP-FT head's epoch-0 checkpoint).
-UNCOMMITTED_FILES = (OWNER_FILE, "config.yaml", "split.csv", "best.safetensors", "best.json")
 
 
 @dataclass
@@ -154,27 +149,7 @@ class _Run:
         skipped = preflight.check_images(index, config.bad_images)
         if skipped:
             self._say(f"skipped {len(skipped)} unreadable images (bad_images: skip), e.g. {skipped[0]}")
-        counts = index.counts()
-        for split in ("train", "val"):
-            missing = [c for c in index.classes if counts.get(split, {}).get(c, 0) == 0]
-            if missing:
-                raise TransferkitError(
-                    f"classes missing from {split}: {', '.join(missing)}; every class needs {split} images "
-                    f"(add some, or raise --val-ratio / use class folders so val is carved per class)")
-        n_train = len(index.split("train"))
-        world = distributed.world_size()
-        if config.batch_size > n_train:
-            raise TransferkitError(f"batch size {config.batch_size} is larger than the {n_train} training images; "
-                                   f"use --batch-size {n_train} or less")
-        if config.batch_size % world:
-            raise TransferkitError(f"batch size {config.batch_size} (the global batch) must divide by the "
-                                   f"{world} processes; use a multiple of {world}")
-        if world > 1 and config.sync_bn and self.device.type == "cpu":
-            raise TransferkitError("--sync-bn needs GPUs (torch's SyncBatchNorm does not run on CPU); drop it")
-        if world > 1 and config.balance == "sampler":
-            raise TransferkitError("balance 'sampler' is not supported under torchrun; use --balance weights")
-        if (config.mixup or config.cutmix) and (config.batch_size // world) % 2:
-            raise TransferkitError(f"mixup/cutmix need an even batch per process, got {config.batch_size // world}")
+        preflight.check_layout(config, index, distributed.world_size(), self.device)
         return index
 
     def _load_model(self):
@@ -208,30 +183,20 @@ class _Run:
             if (run_dir / resume_state.COMPLETE_FILE).exists():
                 raise TransferkitError(f"run {run_dir} is already complete; start a new run instead of --resume")
             return run_dir
+        from transferkit.tracking.runs import default_run_name
+
         out = Path(self.config.out).expanduser()
         name, error = self.config.name, None
         if distributed.is_main():
             try:
-                name = self._new_run_folder(out, name)
+                name = run_folder.new_run_folder(out, name, default_run_name(
+                    self.config.backbone, self.config.strategy.replace(":", "")))
             except TransferkitError as exc:
                 error = str(exc)
         name, error = distributed.broadcast_from_main((name, error))  # every rank fails alike, none hangs
         if error:
             raise TransferkitError(error)
         return out / name
-
-    def _new_run_folder(self, out: Path, name: str | None) -> str:
-        ensure_writable_dir(out)
-        if name is None:
-            from transferkit.tracking.runs import default_run_name
-
-            base = default_run_name(self.config.backbone, self.config.strategy.replace(":", ""))
-            while not _claim(out / (name := free_name(out, base))):
-                pass  # another process took that name between the check and the claim
-            return name
-        if not _claim(out / name):
-            raise TransferkitError(f"run folder {out / name} already exists; pick another --name or --resume it")
-        return name
 
     # ------------------------------------------------------------------ the run
 
@@ -654,7 +619,7 @@ class _Run:
                 "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
                 "best_extra": self.best_extra, "ema": self.ema.state_dict() if self.ema is not None else {},
             })
-            (self.run_dir / OWNER_FILE).unlink(missing_ok=True)  # committed: a run now, never replaced
+            run_folder.committed(self.run_dir)
         distributed.barrier()
 
     def _calibrate(self) -> None:
@@ -824,35 +789,3 @@ def _epoch_line(row: dict, epochs: int) -> str:
             f"val_accuracy {row['val_accuracy']:.3f}  val_macro_f1 {row['val_macro_f1']:.3f}  "
             f"lr {row['lr']:.2e}  {row['epoch_seconds']:.1f} s  {row['images_per_s']:.1f} img/s"
             + ("  (EMA weights)" if row.get("val_weights_ema") else ""))
-
-
-def _claim(run_dir: Path) -> bool:
-    """Create ``run_dir`` for this process; False if it exists and is not an abandoned start."""
-    try:
-        run_dir.mkdir()
-    except FileExistsError:
-        if not _abandoned(run_dir):
-            return False
-        shutil.rmtree(run_dir, ignore_errors=True)
-        try:
-            run_dir.mkdir()
-        except FileExistsError:
-            return False  # a simultaneous start took it first
-    (run_dir / OWNER_FILE).write_text(str(os.getpid()))
-    return True
-
-
-def _abandoned(run_dir: Path) -> bool:
-    owner = run_dir / OWNER_FILE
-    if not owner.is_file():
-        return False
-    if any(p.name not in UNCOMMITTED_FILES and not p.name.endswith(".tmp")
-           for p in run_dir.iterdir()):
-        return False
-    try:
-        os.kill(int(owner.read_text()), 0)
-    except (ValueError, ProcessLookupError):
-        return True
-    except PermissionError:
-        return False
-    return False

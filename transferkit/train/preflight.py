@@ -94,3 +94,27 @@ def describe_change(split_csv: Path, index: DatasetIndex) -> str:
     parts = [f"{len(files)} files {what} (e.g. {files[0]})"
              for what, files in (("added", added), ("removed", removed), ("relabelled or moved", moved)) if files]
     return "; ".join(parts) or "files edited in place: sizes or modification times differ"
+
+
+def check_layout(config: TrainConfig, index: DatasetIndex, world: int, device) -> None:
+    """Every class in train and val, and a batch the train split, the process count and mixup can take."""
+    counts = index.counts()
+    for split in ("train", "val"):
+        missing = [c for c in index.classes if counts.get(split, {}).get(c, 0) == 0]
+        if missing:
+            raise TransferkitError(
+                f"classes missing from {split}: {', '.join(missing)}; every class needs {split} images "
+                f"(add some, or raise --val-ratio / use class folders so val is carved per class)")
+    n_train = len(index.split("train"))
+    if config.batch_size > n_train:
+        raise TransferkitError(f"batch size {config.batch_size} is larger than the {n_train} training images; "
+                               f"use --batch-size {n_train} or less")
+    if config.batch_size % world:
+        raise TransferkitError(f"batch size {config.batch_size} (the global batch) must divide by the "
+                               f"{world} processes; use a multiple of {world}")
+    if world > 1 and config.sync_bn and device.type == "cpu":
+        raise TransferkitError("--sync-bn needs GPUs (torch's SyncBatchNorm does not run on CPU); drop it")
+    if world > 1 and config.balance == "sampler":
+        raise TransferkitError("balance 'sampler' is not supported under torchrun; use --balance weights")
+    if (config.mixup or config.cutmix) and (config.batch_size // world) % 2:
+        raise TransferkitError(f"mixup/cutmix need an even batch per process, got {config.batch_size // world}")

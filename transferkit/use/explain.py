@@ -9,7 +9,6 @@ overrides it with a dotted module name.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from transferkit.choices import CAM_METHODS, check_choice
-from transferkit.core.fileio import ensure_writable_dir
+from transferkit.core.fileio import ensure_writable_dir, safe_name
 from transferkit.errors import TransferkitError, require_extra
 
 
@@ -48,7 +47,7 @@ def explain(model_spec, images: Sequence[str | os.PathLike], out_dir: str | os.P
             pred = int(result.probabilities.argmax())
             title = (f"predicted {predictor.class_names[pred]} ({result.probabilities[pred]:.2f}); "
                      f"{method} for {predictor.class_names[result.target]} at {cams.layer_name}")
-            out = out_dir / f"{stem}.{_safe(predictor.class_names[pred])}.{_safe(method)}.png"
+            out = out_dir / f"{stem}.{safe_name(predictor.class_names[pred])}.{safe_name(method)}.png"
             written.append(cam_overlay_png(result.view, result.heatmap, out, title))
     return written
 
@@ -173,6 +172,3 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
     stems = [p.stem for p in paths]
     return [f"{i:04d}_{s}" if stems.count(s) > 1 else s for i, s in enumerate(stems)]
 
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^\w.+-]+", "_", text)

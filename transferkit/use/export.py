@@ -166,7 +166,8 @@ def _convert(predictor, fp32_path: Path, out: Path, precision: str, images: prec
     if precision == "fp16":
         precision_lib.convert_fp16(fp32_path, out)
         return None
-    tensors = precision_lib.preprocess(images.paths, predictor.preprocessing.eval_transform())
+    tensors = precision_lib.preprocess(images.paths, predictor.preprocessing.eval_transform(),
+                                       "int8 calibration: decode")
     precision_lib.quantize_int8(fp32_path, out, iter(precision_lib.onnx_batches(tensors, dynamic_batch)), INPUT_NAME,
                                 method=calibration_method)
     return {"images": len(images.paths), "source": images.source, "method": calibration_method,

@@ -171,11 +171,18 @@ def calibration_images(metadata: Mapping, class_names: Sequence[str], folder: st
     return images
 
 
-def preprocess(paths: Sequence[Path], transform) -> np.ndarray:
+def preprocess(paths: Sequence[Path], transform, desc: str = "export check: decode") -> np.ndarray:
     """``[N, 3, H, W]`` float32 through the model's eval transform (the same tensors torch sees)."""
     from transferkit.data import load_image
 
-    return np.stack([transform(load_image(p)).numpy() for p in paths]).astype(np.float32)
+    return np.stack([transform(load_image(p)).numpy() for p in _bar(paths, desc, "img")]).astype(np.float32)
+
+
+def _bar(items, desc: str, unit: str):
+    """A progress bar on a terminal only (tqdm's ``disable=None``): quiet when piped."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, disable=None, leave=False)
 
 
 def onnx_batches(batch: np.ndarray, dynamic_batch: bool, size: int = 32) -> list[np.ndarray]:
@@ -210,5 +217,6 @@ def _run_timed(path: Path, tensors: np.ndarray, input_name: str, output_name: st
     chunks = onnx_batches(tensors, dynamic_batch)
     session.run([output_name], {input_name: chunks[0]})
     start = time.perf_counter()
-    logits = np.concatenate([session.run([output_name], {input_name: c})[0] for c in chunks])
+    logits = np.concatenate([session.run([output_name], {input_name: c})[0]
+                             for c in _bar(chunks, f"export check: {path.name}", "batch")])
     return logits.astype(np.float32), len(tensors) / max(time.perf_counter() - start, 1e-9)
