@@ -179,7 +179,9 @@ def main():
     parser.add_argument("--per-class", type=int, default=None, help="seeded train images per class (default all)")
     parser.add_argument("--val-per-class", type=int, default=None, help="seeded val images per class (default all)")
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--arms", default="abBcd", help="letters of the arms to run (B = b at one epoch less)")
+    parser.add_argument("--arms", default="abcd", help="letters of the arms to run (B = b at one epoch less)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 when two arms share a 2-core machine")
     parser.add_argument("--svm-features", type=Path, default=None,
                         help="only time the SVM/logistic head search on this features file")
     args = parser.parse_args()
@@ -188,6 +190,8 @@ def main():
         return
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = subset(DATA, args.per_class, args.val_per_class)
     n_train = sum(1 for _ in (data / "train").rglob("*") if _.is_file())
     n_val = sum(1 for _ in (data / "validation").rglob("*") if _.is_file())

@@ -221,3 +221,18 @@ def test_svm_search_runs_folds_in_parallel_fits_each_point_once_and_shows_a_bar(
     search.fit(StandardScaler().fit_transform(table.vectors), table.label_index)
     assert serial.best_params == search.best_params_
     assert serial.cv_accuracy == pytest.approx(search.best_score_, abs=0.02)  # warm starts: same optimum, tol apart
+
+
+@pytest.mark.parametrize("strategy,bn_stats,frozen", [("freeze-unfreeze", "auto", True), ("full", "auto", False),
+                                                      ("freeze-unfreeze", "update", False), ("full", "frozen", True)])
+def test_bn_statistics_stay_pretrained_after_a_fitted_head(tiny_data, tiny_weights, tmp_path, strategy, bn_stats,
+                                                           frozen):
+    from safetensors.torch import load_file
+
+    config = config_for(tiny_data, tiny_weights, tmp_path, strategy=strategy, bn_stats=bn_stats, calibrate=False)
+    assert config.frozen_bn_stats is frozen
+    result = finetune(config, progress=False)
+    last, pretrained = load_file(str(result.run_dir / "last.safetensors")), load_file(str(tiny_weights))
+    stats = [k for k in pretrained if k.endswith("running_mean")]
+    assert stats and all(torch.equal(last[k], pretrained[k]) for k in stats) is frozen
+    assert not torch.equal(last["conv_stem.weight"], pretrained["conv_stem.weight"])  # the body trained either way

@@ -16,6 +16,9 @@ SCHEDULERS = ("cosine", "plateau", "none")
 BALANCE = ("none", "weights", "sampler")
 MONITORS = ("val_loss", "val_accuracy", "val_macro_f1")
 AUG_PRESETS = ("none", "light", "medium", "heavy")  # or an albumentations YAML file
+# BatchNorm running statistics while the body trains: auto = frozen for freeze-unfreeze (its fitted head keeps
+# seeing the features it was fitted on), updated from each batch for the other strategies
+BN_STATS = ("auto", "frozen", "update")
 BAD_IMAGES = ("error", "skip")  # an unreadable train/val image: stop before training, or leave it out and say so
 
 # preprocessing and input pipeline

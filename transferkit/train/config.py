@@ -23,7 +23,8 @@ from transferkit.errors import TransferkitError
 # The keys that take one of a fixed set of values (strategy is parsed: partial:N), for validation and the CLI.
 CHOICE_KEYS = {"strategy": choices.STRATEGIES, "optimizer": choices.OPTIMIZERS, "scheduler": choices.SCHEDULERS,
                "balance": choices.BALANCE, "monitor": choices.MONITORS, "resize_mode": choices.RESIZE_MODES,
-               "cache": choices.CACHE_MODES, "bad_images": choices.BAD_IMAGES}
+               "cache": choices.CACHE_MODES, "bad_images": choices.BAD_IMAGES,
+               "bn_stats": choices.BN_STATS}
 # What may differ when a run is resumed: where and how it runs, and how long; never what it learns.
 RESUME_OVERRIDABLE = ("device", "workers", "cache", "track", "tracking_uri", "experiment", "register")
 AUTO_AUG = {"linear-probe": "none"}  # aug left unset: a linear probe gets the feature cache, the rest "light"
@@ -76,6 +77,9 @@ class TrainConfig:
     unfreeze_lr_scale: float = setting(0.5, "freeze-unfreeze: LR multiplier once everything trains.")
     layer_decay: float = setting(0.75, "discriminative / freeze-unfreeze: LR x this per layer group from head to stem.")
     train_bn: bool = setting(False, "Let BatchNorm in frozen parts update its statistics and affine params.")
+    bn_stats: str = setting("auto", "BatchNorm running statistics of the parts that train: frozen (inference mode, "
+                                    "as Keras' fine-tuning guide advises after a head phase), update, or auto "
+                                    "(frozen for freeze-unfreeze, update otherwise).")
     # optimisation
     epochs: int = setting(10, "Epochs over the training images.")
     batch_size: int = setting(16, "Batch size; the global batch under torchrun.")
@@ -140,6 +144,15 @@ class TrainConfig:
     def uses_feature_cache(self) -> bool:
         """A linear probe that sees every image the same way each epoch: extract features once."""
         return self.parsed_strategy.name == "linear-probe" and self.aug == "none" and not (self.mixup or self.cutmix)
+
+    @property
+    def frozen_bn_stats(self) -> bool:
+        """freeze-unfreeze fits its head on the body's inference-mode features; BatchNorm switched to batch
+        statistics when the body unfreezes would feed that head other features (its accuracy on train batches fell
+        from 0.92 to 0.25 on a 10-class set), so there ``auto`` keeps the pretrained statistics."""
+        if self.bn_stats == "auto":
+            return self.parsed_strategy.name == "freeze-unfreeze"
+        return self.bn_stats == "frozen"
 
     @property
     def head_on_features(self) -> bool:

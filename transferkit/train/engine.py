@@ -403,7 +403,7 @@ class _Run:
         config, phase = self.config, self.phases[0]
         apply_trainable(self.model, phase, config.train_bn)
         optimizer = build_optimizer(self.forward, dataclasses.replace(config, lr=1.0), phase)
-        set_train_mode(self.model, config.train_bn)
+        set_train_mode(self.model, config.train_bn, config.frozen_bn_stats)
 
         def step(batch) -> float:
             images, labels = to_device(batch[0], self.device), batch[1].to(self.device)
@@ -504,7 +504,7 @@ class _Run:
     def _train_epoch(self, epoch: int, phase: Phase) -> tuple[float, float, int]:
         config = self.config
         self.train_loader.sampler.set_epoch(epoch)
-        set_train_mode(self.model, config.train_bn)
+        set_train_mode(self.model, config.train_bn, config.frozen_bn_stats)
         updates = (epoch - phase.start_epoch) * self.updates_per_epoch
         totals = [0.0, 0.0, 0.0]  # loss sum, correct, count (this rank)
         steps = len(self.train_loader)

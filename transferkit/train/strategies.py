@@ -87,13 +87,13 @@ def apply_trainable(model: nn.Module, phase: Phase, train_bn: bool) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def set_train_mode(model: nn.Module, train_bn: bool) -> None:
-    """``model.train()``, except BatchNorm layers whose parameters are frozen stay in eval mode."""
+def set_train_mode(model: nn.Module, train_bn: bool, frozen_stats: bool = False) -> None:
+    """``model.train()``, except BatchNorm layers whose parameters are frozen stay in eval mode, and every
+    BatchNorm layer with ``frozen_stats`` (its affine weights still train; its running statistics stay)."""
     model.train()
-    if train_bn:
-        return
     for module in model.modules():
-        if _is_bn(module) and not any(p.requires_grad for p in module.parameters(recurse=False)):
+        if _is_bn(module) and (frozen_stats or not (train_bn or any(p.requires_grad for p in
+                                                                   module.parameters(recurse=False)))):
             module.eval()
 
 
