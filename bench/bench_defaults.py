@@ -4,8 +4,9 @@ On ``../shared/data/signdigits`` (10 classes; train / validation folders) with `
 ``../shared/weights``:
 
 (a) the default recipe of commit 4be90e4: freeze-unfreeze with one head-only epoch over augmented images
-    (``freeze_epochs: 1, lp_ft: false``), no calibration;
-(b) the new default: LP-FT head phase on cached features, then every epoch trains everything; calibration on;
+    (``freeze_epochs: 1, lp_ft: false``), BatchNorm statistics re-estimated once unfrozen, no calibration;
+(b) the new default: LP-FT head phase on cached features (the probe is epoch 0's candidate), then every epoch
+    trains everything with BatchNorm's pretrained statistics kept; calibration on;
 (c) a hand-written timm + torchvision loop (RandomResizedCrop + flip, AdamW, cosine, label smoothing 0.1);
 (d) frozen features + scikit-learn logistic regression (StandardScaler, C=1).
 
@@ -165,7 +166,8 @@ def svm_head_timing(features_file: Path, model: str = "logistic") -> dict:
 
 
 ARMS = {
-    "a: old default (4be90e4)": lambda d, e, s: transferkit_arm(d, e, s, freeze_epochs=1, lp_ft=False, calibrate=False),
+    "a: old default (4be90e4)": lambda d, e, s: transferkit_arm(d, e, s, freeze_epochs=1, lp_ft=False, calibrate=False,
+                                                                bn_stats="update"),
     "b: new default": lambda d, e, s: transferkit_arm(d, e, s),
     "b at one epoch less (LP-FT at about a's wall time)": lambda d, e, s: transferkit_arm(d, e - 1, s) if e > 1 else None,
     "c: timm + torchvision loop": lambda d, e, s: timm_torchvision_loop(d, e, s),
