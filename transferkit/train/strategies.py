@@ -92,8 +92,10 @@ def set_train_mode(model: nn.Module, train_bn: bool, frozen_stats: bool = False)
     BatchNorm layer with ``frozen_stats`` (its affine weights still train; its running statistics stay)."""
     model.train()
     for module in model.modules():
-        if _is_bn(module) and (frozen_stats or not (train_bn or any(p.requires_grad for p in
-                                                                   module.parameters(recurse=False)))):
+        if not _is_bn(module):
+            continue
+        trains = train_bn or any(p.requires_grad for p in module.parameters(recurse=False))
+        if frozen_stats or not trains:
             module.eval()
 
 
