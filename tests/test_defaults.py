@@ -223,6 +223,26 @@ def test_svm_search_runs_folds_in_parallel_fits_each_point_once_and_shows_a_bar(
     assert serial.cv_accuracy == pytest.approx(search.best_score_, abs=0.02)  # warm starts: same optimum, tol apart
 
 
+def test_svm_search_fits_stop_early_the_final_fit_does_not_and_ties_go_to_the_smallest_c(monkeypatch):
+    from sklearn.svm import LinearSVC
+
+    from transferkit.features.classical_heads import SEARCH_TOL, fit_head
+
+    fits = []
+    original = LinearSVC.fit
+    monkeypatch.setattr(LinearSVC, "fit", lambda self, *a, **k: fits.append((self.C, self.tol)) or original(self, *a, **k))
+    features = _separable_table(classes=2)
+    features[0].vectors[:, 0] += features[0].label_index * 100.0  # every C separates the classes: an exact tie
+    result = fit_head(features, "linear-svm", cv=3, grid={"C": [10, 0.1, 1]}, n_jobs=1, progress=False)
+    assert result.best_params == {"C": 0.1} and result.cv_accuracy == 1.0
+    search, final = fits[:9], fits[9:]  # 3 folds x 3 values; then Platt scaling's folds and the fit on all rows
+    assert {tol for _, tol in search} == {SEARCH_TOL}
+    assert final and {c for c, _ in final} == {0.1} and {tol for _, tol in final} == {LinearSVC().tol}
+    fits.clear()
+    fit_head(features, "linear-svm", cv=3, grid={"C": [1], "tol": [0.1]}, n_jobs=1, progress=False)
+    assert {tol for _, tol in fits} == {0.1}  # a tol in the grid is the user's: it wins in the search and after
+
+
 @pytest.mark.parametrize("strategy,bn_stats,frozen", [("freeze-unfreeze", "auto", True), ("full", "auto", False),
                                                       ("freeze-unfreeze", "update", False), ("full", "frozen", True)])
 def test_bn_statistics_stay_pretrained_after_a_fitted_head(tiny_data, tiny_weights, tmp_path, strategy, bn_stats,

@@ -74,7 +74,8 @@ class TrainConfig:
     lp_ft: bool = setting(True, "freeze-unfreeze: first fit the new head on features cached once (LP-FT), "
                                 "costing no epoch, then train everything for `epochs`.")
     freeze_epochs: int = setting(0, "freeze-unfreeze: head-only epochs over the images before everything trains.")
-    unfreeze_lr_scale: float = setting(0.5, "freeze-unfreeze: LR multiplier once everything trains.")
+    unfreeze_lr_scale: float = setting(1.0, "freeze-unfreeze: LR multiplier once everything trains (the top layer "
+                                            "group then trains at lr, as in fastai's fine_tune; layer_decay below).")
     layer_decay: float = setting(0.75, "discriminative / freeze-unfreeze: LR x this per layer group from head to stem.")
     train_bn: bool = setting(False, "Let BatchNorm in frozen parts update its statistics and affine params.")
     bn_stats: str = setting("auto", "BatchNorm running statistics of the parts that train: frozen (inference mode, "
