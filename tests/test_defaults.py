@@ -135,6 +135,9 @@ def test_temperature_scaling_lowers_nll_of_an_over_confident_model():
     logits[torch.arange(400), labels] += 1.5  # right ~60 % of the time...
     fit = calibrate(logits * 8, labels)  # ...but ~100 % sure
     assert fit.temperature > 2 and fit.nll_after < fit.nll_before / 2 and fit.ece_after < fit.ece_before
+    right = calibrate(torch.eye(5).repeat(4, 1) * 3, torch.arange(5).repeat(4))  # no val error: no finite optimum
+    assert not right.fitted and right.temperature == 1.0 and right.nll_after == right.nll_before
+    assert "every val image is classified right" in right.summary() and right.metrics()["temperature_fitted"] == 0.0
 
 
 def test_predict_applies_the_stored_temperature(tiny_classifier, tiny_data):

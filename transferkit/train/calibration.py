@@ -23,14 +23,20 @@ class Calibration:
     ece_before: float
     ece_after: float
 
+    fitted: bool = True
+
     def summary(self) -> str:
+        if not self.fitted:
+            return (f"not calibrated (temperature left at 1): every val image is classified right, so the val NLL "
+                    f"only falls as T -> 0 and says nothing of how sure a wrong prediction would be; "
+                    f"NLL {self.nll_before:.4f}, ECE {self.ece_before:.4f}")
         return (f"calibrated on val: temperature {self.temperature:.3f}, NLL {self.nll_before:.4f} -> "
                 f"{self.nll_after:.4f}, ECE {self.ece_before:.4f} -> {self.ece_after:.4f}")
 
     def metrics(self) -> dict:
-        return {"temperature": self.temperature, "val_nll_uncalibrated": self.nll_before,
-                "val_nll_calibrated": self.nll_after, "val_ece_uncalibrated": self.ece_before,
-                "val_ece_calibrated": self.ece_after}
+        return {"temperature": self.temperature, "temperature_fitted": float(self.fitted),
+                "val_nll_uncalibrated": self.nll_before, "val_nll_calibrated": self.nll_after,
+                "val_ece_uncalibrated": self.ece_before, "val_ece_calibrated": self.ece_after}
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -50,14 +56,19 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def calibrate(logits: torch.Tensor, labels: torch.Tensor) -> Calibration:
-    """Fit T on ``logits``/``labels`` and measure NLL and ECE before and after."""
+    """Fit T on ``logits``/``labels`` and measure NLL and ECE before and after.
+
+    With no val error the NLL has no minimum at any T > 0 (each term falls as T -> 0): a fitted T would hit
+    its floor and make every later prediction, right or wrong, about 100 % sure. T then stays 1.
+    """
     from transferkit.reports.metrics import expected_calibration_error
 
-    temperature = fit_temperature(logits, labels)
+    fitted = not bool((logits.argmax(1) == labels).all())
+    temperature = fit_temperature(logits, labels) if fitted else 1.0
     scores = []
     for t in (1.0, temperature):
         scaled = logits.float() / t
         scores.append((F.cross_entropy(scaled, labels).item(),
                        expected_calibration_error(labels.numpy(), scaled.softmax(1).numpy())))
     (nll_before, ece_before), (nll_after, ece_after) = scores
-    return Calibration(temperature, nll_before, nll_after, ece_before, ece_after)
+    return Calibration(temperature, nll_before, nll_after, ece_before, ece_after, fitted)
