@@ -16,7 +16,7 @@ DEMO_DATA ?= demo/roads
 DEMO_OUT ?= demo-out
 TK := $(BIN)/transferkit
 
-.PHONY: install test demo ui bench lint clean
+.PHONY: install test test-fast demo ui bench lint clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The edit-test loop: everything but the tests marked slow (end-to-end training, servers, wheels, torchrun);
+# under 2 minutes on 2 cores. `make test` (CI) still runs them all.
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 # The main job end to end on the bundled demo data: check, finetune (tracked in ./mlflow.db), evaluate,
 # predict, then frozen features + SVM. `make ui` afterwards shows the runs.

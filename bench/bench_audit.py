@@ -104,7 +104,8 @@ def scores(report: dict, planted: dict) -> dict:
 
 def calibration(data: Path, features: Path, count: int, work: Path, seed: int = 0) -> dict:
     """Similarity of planted copies to their sources vs genuine nearest neighbours, in both of audit's spaces."""
-    from transferkit.features.extract import extract_features, read_features
+    from transferkit.features.extract import extract_features
+    from transferkit.features.feature_file import read_features
     from transferkit.features.neighbours import (
         centred_unit,
         l2_normalise,

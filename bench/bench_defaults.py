@@ -148,7 +148,7 @@ def svm_head_timing(features_file: Path, model: str = "logistic") -> dict:
     from sklearn.preprocessing import StandardScaler
 
     from transferkit.features.classical_heads import DEFAULT_GRIDS, fit_head, make_estimator
-    from transferkit.features.extract import read_features
+    from transferkit.features.feature_file import read_features
 
     table, metadata = read_features(features_file)
     train = table.subset("train")

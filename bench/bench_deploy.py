@@ -85,11 +85,11 @@ def main() -> None:
         tmp = Path(tmp)
         files = {}
         for precision in ("fp32", "fp16", "int8"):
-            out = export(run, "onnx", out=tmp / f"model.{precision}.onnx", dynamic_batch=True, precision=precision,
-                         force=True, check_images=None if precision != "fp32" else [images.paths[0].parent.parent])
+            exported = export(run, "onnx", out=tmp / f"model.{precision}.onnx", dynamic_batch=True, precision=precision,
+                              force=True, check_images=None if precision != "fp32" else [images.paths[0].parent.parent])
+            out, check = exported.path, exported.info
             files[precision] = out
             rows[f"onnx {precision}"] = (*timed(onnx_runner(out)), out.stat().st_size)
-            check = json.loads(out.with_name(out.name + ".json").read_text())
             if check["calibration"]:
                 print(f"int8 calibration: {check['calibration']}")
         _table(rows, images.labels)

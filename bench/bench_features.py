@@ -70,7 +70,8 @@ def extraction_vs_bare_forward(data: Path, out: Path, batch_size: int, rounds: i
     import torch
 
     from transferkit.data import discover, load_image
-    from transferkit.features.extract import build_feature_model, extract_features
+    from transferkit.features.extract import extract_features
+    from transferkit.models.embedding import build_feature_model
 
     model, preprocessing = build_feature_model(BACKBONE, weights=WEIGHTS)
     model.eval()

@@ -19,7 +19,6 @@ The machine is shared: every timing is the best of --rounds repeats (the least d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -84,9 +83,10 @@ def main() -> None:
         runners = {"torch eager": lambda x: predictor.model(x)}
         for fmt, name in (("onnx", "model.onnx"), ("torchscript", "model.pt")):
             start = time.perf_counter()
-            out = export(tmp / "model", fmt, out=tmp / name, dynamic_batch=True, check_images=frames)
+            exported = export(tmp / "model", fmt, out=tmp / name, dynamic_batch=True, check_images=frames)
+            out = exported.path
             took = time.perf_counter() - start
-            parity = json.loads(out.with_name(out.name + ".json").read_text())["parity"]
+            parity = exported.info["parity"]
             print(f"   {fmt:<12} export + check {took:5.1f} s, parity on {parity['images']} roads frames: "
                   f"max |logit diff| {parity['max_abs_diff']:.1e}, {out.stat().st_size / 1e6:.1f} MB")
             if fmt == "onnx":

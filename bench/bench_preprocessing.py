@@ -79,7 +79,7 @@ def measure(rounds: int) -> dict:
     from PIL import Image
     from timm.data import create_transform
 
-    from transferkit.features.extract import build_feature_model
+    from transferkit.models.embedding import build_feature_model
 
     torch.set_num_threads(1)
     old = old_preprocessing_module()

@@ -69,14 +69,14 @@ def tracking_overhead(args) -> None:
     import torch
 
     from transferkit import __file__ as package_file
-    from transferkit.tracking import runs
+    from transferkit.tracking import tracker as tracking
     from transferkit.train import engine, finetune
     from transferkit.train.config import resolve_config
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracking-overhead-"))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     start = time.perf_counter()
-    with runs.start_run("bench", tracking_uri=uri, experiment="warm-up", system_metrics=False):
+    with tracking.start_run("bench", tracking_uri=uri, experiment="warm-up", system_metrics=False):
         pass  # creating the store (schema migrations) is paid once per store, not per run
     store_creation = time.perf_counter() - start
     phase = {"now": "setup"}
@@ -99,9 +99,9 @@ def tracking_overhead(args) -> None:
         return wrapper
 
     for name in TIMED_METHODS:
-        if hasattr(runs.Tracker, name):
-            setattr(runs.Tracker, name, timed(name, getattr(runs.Tracker, name)))
-    original_start_run = runs.start_run
+        if hasattr(tracking.Tracker, name):
+            setattr(tracking.Tracker, name, timed(name, getattr(tracking.Tracker, name)))
+    original_start_run = tracking.start_run
 
     @contextlib.contextmanager
     def start_run(*a, **k):
@@ -112,8 +112,8 @@ def tracking_overhead(args) -> None:
             start = time.perf_counter()
         spent[("finish", "end_run")] = time.perf_counter() - start
 
-    runs.start_run = start_run
-    original_train, original_epoch = engine._Run._train, engine._Run._epoch
+    tracking.start_run = start_run
+    original_train, original_epoch = engine.Trainer._train, engine.Trainer._epoch
     epoch_walls = []
 
     def train(self):
@@ -129,7 +129,7 @@ def tracking_overhead(args) -> None:
         epoch_walls.append(time.perf_counter() - start)
         return row
 
-    engine._Run._train, engine._Run._epoch = train, epoch
+    engine.Trainer._train, engine.Trainer._epoch = train, epoch
     torch.set_num_threads(args.threads)
     config = resolve_config(None, {
         "backbone": BACKBONE, "weights": str(WEIGHTS), "data": str(ROADS), "out": str(tmp / "runs"), "name": "r",
@@ -175,7 +175,7 @@ def main() -> None:
     from transferkit.models.backbones import load_backbone
     from transferkit.models.predictors import load_predictor
     from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
-    from transferkit.tracking.runs import start_run
+    from transferkit.tracking.tracker import start_run
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/reliability_table.py      # about a minute on 2 cores
 
-tests/test_hardening_table.py runs the same cases and fails when a row of the doc differs from what the
+tests/test_reliability_table.py runs the same cases and fails when a row of the doc differs from what the
 command does, so after changing a message or a case, rerun this script.
 """
 

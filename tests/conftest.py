@@ -6,6 +6,7 @@ Every test runs offline: HF_HUB_OFFLINE stops any hub retry, and no test reaches
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -22,6 +23,7 @@ SHARED_PHOTOS = SHARED / "photos"
 SHARED_ROADS = SHARED / "data" / "roads"
 TINY_BACKBONE = "test_efficientnet"
 TINY_IMG = 64
+FINETUNE_IMG = 32  # below TINY_IMG: 4x less compute, and it checks that --img-size reaches the checkpoint
 CLASS_COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 200)}
 
 requires_shared_weights = pytest.mark.skipif(
@@ -29,6 +31,34 @@ requires_shared_weights = pytest.mark.skipif(
     reason="real weights in ../shared/weights are absent",
 )
 requires_shared_roads = pytest.mark.skipif(not SHARED_ROADS.is_dir(), reason="../shared/data/roads is absent")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+requires_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="headless Chromium is absent (Debian: apt-get install chromium; .ci/run installs it)"
+)
+
+# A timm data config deliberately not ImageNet's statistics and not square, so a hard-coded mean/std or size shows.
+DATA_CONFIG = {"input_size": [3, 48, 64], "interpolation": "bicubic", "mean": [0.2, 0.4, 0.6], "std": [0.1, 0.2, 0.3],
+               "crop_pct": 0.875, "crop_mode": "center"}
+SQUARE_DATA_CONFIG = {**DATA_CONFIG, "input_size": [3, 64, 64]}
+
+
+@pytest.fixture(scope="module")
+def photo():
+    """A 120x90 RGB noise image as a uint8 array, as a decoded photo reaches the transforms."""
+    return np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The tiny model gains nothing from threads, and on a busy shared CPU OpenMP's spin-waiting threads made
+    training tests 5-7x slower; restored after each test so other tests keep torch's default.
+    Opt in per module with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_image(path: Path, colour, size=(48, 40), seed=0, fmt=None) -> Path:
@@ -123,6 +153,7 @@ def tiny_classifier(tmp_path_factory, tiny_weights) -> Path:
 
 
 def free_port() -> int:
+    """A loopback TCP port free right now, for a server or torchrun rendezvous a test starts."""
     import socket
 
     with socket.socket() as sock:
@@ -208,3 +239,32 @@ def extract_tiny(data, weights, out, **kwargs):
     from transferkit.features.extract import extract_features
 
     return extract_features(TINY_BACKBONE, data, out, weights=weights, workers=0, device="cpu", **kwargs)
+
+
+def run_cli(runner, tiny_data, tiny_weights, out, *args):
+    """`transferkit finetune` on the tiny backbone, fast and untracked, with ``args`` added."""
+    from transferkit.cli import main
+
+    return runner.invoke(main, ["finetune", "--backbone", TINY_BACKBONE, "--weights", str(tiny_weights),
+                                "--data", str(tiny_data), "--out", str(out), "--no-track", "--workers", "0",
+                                "--batch-size", "8", "--img-size", str(FINETUNE_IMG), *args])
+
+
+def config_for(tiny_data, tiny_weights, out, **overrides):
+    """The TrainConfig of a fast, untracked 1-epoch run of the tiny backbone, with ``overrides``."""
+    from transferkit.train.config import resolve_config
+
+    base = {"backbone": TINY_BACKBONE, "weights": str(tiny_weights), "data": str(tiny_data), "out": str(out),
+            "track": False, "workers": 0, "batch_size": 8, "epochs": 1, "lr": 0.01, "img_size": FINETUNE_IMG}
+    return resolve_config(None, {**base, **overrides})
+
+
+def read_metrics(run_dir: Path, drop_timing: bool = True) -> list[dict]:
+    """A run's metrics.csv rows, without the timing columns (which differ between equal runs) unless asked."""
+    import csv
+
+    from transferkit.tasks import TIMING_COLUMNS
+
+    with open(run_dir / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    return [{k: v for k, v in row.items() if not (drop_timing and k in TIMING_COLUMNS)} for row in rows]

@@ -16,11 +16,12 @@ import pytest
 import torch
 from conftest import CLASS_COLOURS, TINY_BACKBONE, extract_tiny
 from PIL import Image
-from test_finetune import one_torch_thread  # noqa: F401  (autouse fixture)
 
 from transferkit.cli import main
 from transferkit.features.label_issues import find_label_suspects, outlier_cutoff, outlier_scores
 from transferkit.features.neighbours import duplicate_groups, nearest_neighbours
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pattern_image(path: Path, colour, seed: int) -> Path:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import DATA_CONFIG, SQUARE_DATA_CONFIG
 from PIL import Image
 
 from transferkit.choices import AUG_PRESETS
@@ -17,17 +18,6 @@ from transferkit.data.augment import load_augmentation
 from transferkit.errors import TransferkitError
 from transferkit.models.preprocessing import Preprocessing
 from transferkit.reports.plots import augmentation_preview_png
-
-# Deliberately not ImageNet statistics and not square, so a hard-coded mean/std or size would show.
-CONFIG = {"input_size": [3, 48, 64], "interpolation": "bicubic", "mean": [0.2, 0.4, 0.6], "std": [0.1, 0.2, 0.3],
-          "crop_pct": 0.875, "crop_mode": "center"}
-SQUARE = {**CONFIG, "input_size": [3, 64, 64]}
-
-
-@pytest.fixture(scope="module")
-def photo():
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
 
 
 def test_presets_state_every_probability_and_actually_augment(photo):
@@ -37,7 +27,7 @@ def test_presets_state_every_probability_and_actually_augment(photo):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # albumentations warns when it has to assume p=0.5
             load_augmentation(preset)
-    transform = Preprocessing.resolve(CONFIG).train_transform("heavy")
+    transform = Preprocessing.resolve(DATA_CONFIG).train_transform("heavy")
     views = []
     for seed in range(4):
         transform.set_random_seed(seed)
@@ -52,9 +42,9 @@ def test_user_yaml_round_trips_and_its_crop_size_comes_from_the_backbone(tmp_pat
     A.save(user, str(path), data_format="yaml")
     loaded = load_augmentation(path)
     assert A.to_dict(loaded) == A.to_dict(user)
-    out = Preprocessing.resolve(CONFIG).train_transform(path)(photo)
+    out = Preprocessing.resolve(DATA_CONFIG).train_transform(path)(photo)
     assert out.shape == (3, 48, 64)
-    grey = out * torch.tensor(CONFIG["std"]).view(3, 1, 1) + torch.tensor(CONFIG["mean"]).view(3, 1, 1)
+    grey = out * torch.tensor(DATA_CONFIG["std"]).view(3, 1, 1) + torch.tensor(DATA_CONFIG["mean"]).view(3, 1, 1)
     assert torch.allclose(grey[0], grey[1], atol=1e-5)  # ToGray from the file ran
     assert load_augmentation(path).transforms[0].size == (999, 999)  # the file itself is not modified
 
@@ -63,7 +53,7 @@ def test_handwritten_yaml_may_omit_the_crop_size(tmp_path, photo):
     path = tmp_path / "short.yml"
     path.write_text(yaml.safe_dump({"transform": {"__class_fullname__": "Compose", "p": 1.0, "transforms": [
         {"__class_fullname__": "RandomResizedCrop", "scale": [0.5, 1.0], "p": 1.0}]}}))
-    assert Preprocessing.resolve(SQUARE).train_transform(path)(photo).shape == (3, 64, 64)
+    assert Preprocessing.resolve(SQUARE_DATA_CONFIG).train_transform(path)(photo).shape == (3, 64, 64)
 
 
 @pytest.mark.parametrize(("content", "message"), [
@@ -88,7 +78,7 @@ def test_unknown_aug_is_refused():
 
 
 def test_preview_grid_writes_a_png_with_one_tile_per_sample(tiny_data, tmp_path):
-    square = Preprocessing.resolve(SQUARE)
+    square = Preprocessing.resolve(SQUARE_DATA_CONFIG)
     out = augmentation_preview_png(tiny_data, "heavy", square, tmp_path / "grid.png", n=5, seed=1)
     with Image.open(out) as img:
         assert img.format == "PNG"
@@ -110,7 +100,7 @@ def test_augment_preview_cli_writes_a_png(runner, tiny_data, tiny_weights, tmp_p
         assert img.format == "PNG"
     bad = runner.invoke(main, ["augment", "preview", "--data", str(tiny_data), "--aug", "nope",
                                "--out", str(tmp_path / "x.png"), "--backbone", "test_efficientnet"])
-    assert bad.exit_code != 0 and "error: --aug 'nope'" in bad.output
+    assert bad.exit_code == 2 and bad.output.strip().splitlines()[-1].startswith("error: --aug 'nope'")
     assert not (tmp_path / "x.png").exists()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -138,12 +139,13 @@ def test_real_weights_classify_real_photos(name):
 
 @pytest.mark.integration
 @requires_shared_weights
-def test_wrong_normalization_is_detectable():
+def test_wrong_normalization_is_detectable(tmp_path):
     """ImageNet mean/std on mean=std=0.5 weights changes the logits: the sidecar really matters."""
-    kwargs = {"weights": SHARED_WEIGHTS / "mobilenetv2_100.safetensors", "pad_type": "same"}
-    model, right = load_backbone("mobilenetv2_100", data_overrides={"mean": [0.5] * 3, "std": [0.5] * 3}, **kwargs)
-    _, wrong = load_backbone("mobilenetv2_100", **kwargs)
-    assert wrong.mean != right.mean
+    model, right = load_backbone("mobilenetv2_100", weights=SHARED_WEIGHTS / "mobilenetv2_100.safetensors")
+    bare = tmp_path / "mobilenetv2_100.safetensors"  # the same weights without their sidecar: timm's defaults
+    shutil.copyfile(SHARED_WEIGHTS / "mobilenetv2_100.safetensors", bare)
+    _, wrong = load_backbone("mobilenetv2_100", weights=bare, pad_type="same")
+    assert right.mean == (0.5, 0.5, 0.5) and wrong.mean != right.mean
     image = load_image(SHARED_PHOTOS / "hot_dog.jpg")
     model.eval()
     with torch.inference_mode():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import pytest
 
-from transferkit import choices
+from transferkit import choices, params
 from transferkit.cli import main
 from transferkit.errors import TransferkitError
 from transferkit.train.config import resolve_config
@@ -34,7 +34,7 @@ def test_every_cli_choice_is_a_tuple_of_choices_py():
                                           ("balance", choices.BALANCE), ("monitor", choices.MONITORS),
                                           ("cache", choices.CACHE_MODES), ("resize_mode", choices.RESIZE_MODES)])
 def test_config_validation_names_the_same_values(key, allowed):
-    with pytest.raises(TransferkitError, match=f"bad value for {key}: 'nope'; use one of {', '.join(allowed)}"):
+    with pytest.raises(TransferkitError, match=f"^unknown {key} 'nope'; use one of {', '.join(allowed)}$"):
         resolve_config(overrides={key: "nope"})
     for value in allowed:
         overrides = {key: value, **({"mixup": 0.0} if key == "balance" else {})}
@@ -48,6 +48,6 @@ def test_strategies_accept_partial_n_only_with_a_positive_count():
             resolve_config(overrides={"strategy": bad})
 
 
-def test_check_choice_is_one_line():
+def test_an_unknown_choice_is_one_line():
     with pytest.raises(TransferkitError, match=r"^unknown pool 'mean'; use one of avg, max, avgmax, token$"):
-        choices.check_choice("pool", "mean", choices.POOLS)
+        params.POOL.check("pool", "mean")

@@ -33,7 +33,10 @@ def test_backbones_lists_matching_names(runner):
     assert result.exit_code == 0
     names = result.output.split()
     assert "tf_efficientnet_lite0" in names and all("efficientnet_lite" in n for n in names)
-    assert runner.invoke(main, ["backbones", "nothing_matches_this*"]).exit_code != 0
+    nothing = runner.invoke(main, ["backbones", "nothing_matches_this*"])
+    assert nothing.exit_code == 2  # a user error, like every command's; a crash would be 1
+    assert nothing.output.startswith("error: no backbone matches 'nothing_matches_this*'")
+    assert len(nothing.output.strip().splitlines()) == 1  # one line, no traceback
 
 
 def test_backbones_info_with_local_weights(runner, tiny_weights):

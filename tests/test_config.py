@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_finetune import one_torch_thread  # noqa: F401  (autouse fixture)
 
 from transferkit.errors import TransferkitError
 from transferkit.train.config import TrainConfig, resolve_config, resume_config
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "transferkit" / "recipes").glob("*.yaml"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
 
 def write(path: Path, data: dict) -> Path:
@@ -35,24 +36,49 @@ def test_numbers_are_coerced_to_the_field_type(tmp_path):
     assert isinstance(config.weight_decay, float)
 
 
-@pytest.mark.parametrize("recipe, key", [
-    ({"learning_rate": 0.1}, "learning_rate"),
-    ({"epochs": 0}, "epochs"),
-    ({"epochs": 2.5}, "epochs"),
-    ({"lr": "fast"}, "lr"),
-    ({"strategy": "partial:x"}, "strategy"),
-    ({"strategy": "partial:0"}, "strategy"),
-    ({"strategy": "everything"}, "strategy"),
-    ({"optimizer": "rmsprop"}, "optimizer"),
-    ({"label_smoothing": 1.5}, "label_smoothing"),
-    ({"amp": "yes"}, "amp"),
-    ({"aug": "extreme"}, "aug"),
-    ({"strategy": "freeze-unfreeze", "epochs": 2, "freeze_epochs": 2}, "freeze_epochs"),
-    ({"balance": "weights", "mixup": 0.2}, "balance"),
+STRATEGY_HINT = ("it must be one of linear-probe, full, freeze-unfreeze, discriminative, partial:N "
+                 "(N = number of last stages to train, >= 1)")
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"epochs": 0}, "bad value for epochs: 0; it must be an int >= 1"),
+    ({"epochs": 2.5}, "bad value for epochs: 2.5; it must be an int >= 1"),
+    ({"lr": "fast"}, "bad value for lr: 'fast'; it must be > 0 or auto"),
+    ({"lr": 0}, "bad value for lr: 0.0; it must be > 0 or auto"),
+    ({"strategy": "partial:x"}, f"bad value for strategy: 'partial:x'; {STRATEGY_HINT}"),
+    ({"strategy": "partial:0"}, f"bad value for strategy: 'partial:0'; {STRATEGY_HINT}"),
+    ({"strategy": "everything"}, f"bad value for strategy: 'everything'; {STRATEGY_HINT}"),
+    ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'; use one of adamw, sgd"),
+    ({"label_smoothing": 1.5}, "bad value for label_smoothing: 1.5; it must be in [0, 1)"),
+    ({"img_size": 8}, "bad value for img_size: 8; it must be an int >= 16 or null"),
+    ({"amp": "yes"}, "bad value for amp: 'yes'; it must be true or false"),
+    ({"strategy": "freeze-unfreeze", "epochs": 2, "freeze_epochs": 2},
+     "bad value for freeze_epochs: 2; freeze-unfreeze with 2 head-only epochs needs epochs >= 3 (or freeze_epochs: 0, "
+     "the default, where the head is fitted on cached features at no epoch's cost)"),
+    ({"balance": "weights", "mixup": 0.2},
+     "bad value for balance: 'weights'; class weights do not apply to mixed soft targets; use balance: sampler with "
+     "mixup/cutmix"),
 ])
-def test_bad_recipe_keys_and_values_are_named(tmp_path, recipe, key):
-    with pytest.raises(TransferkitError, match=key):
+def test_bad_recipe_values_get_their_exact_message(tmp_path, recipe, message):
+    with pytest.raises(TransferkitError) as raised:
         resolve_config(write(tmp_path / "r.yaml", recipe))
+    assert str(raised.value) == message
+
+
+def test_unknown_key_and_unknown_aug_are_named(tmp_path):
+    with pytest.raises(TransferkitError, match=r"^unknown key 'learning_rate' in recipe .*; valid keys: backbone, "):
+        resolve_config(write(tmp_path / "r.yaml", {"learning_rate": 0.1}))
+    with pytest.raises(TransferkitError, match="'extreme'"):
+        resolve_config(write(tmp_path / "r.yaml", {"aug": "extreme"}))
+
+
+def test_the_resolved_config_is_frozen():
+    import dataclasses
+
+    config = resolve_config(overrides={"lr": "auto"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 0.1
+    assert dataclasses.replace(config, lr=0.1).lr == 0.1 and config.lr == "auto"
 
 
 def test_recipe_must_be_a_mapping(tmp_path):

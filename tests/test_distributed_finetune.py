@@ -10,21 +10,16 @@ test therefore uses the frozen backbone so that a mismatch can only come from th
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
-from test_finetune import config_for, one_torch_thread, read_metrics  # noqa: F401,I001  (autouse fixture; tests/ on sys.path)
+from conftest import config_for, free_port, read_metrics
 
 from transferkit.train import finetune
 from transferkit.train.resume_state import COMPLETE_FILE
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # torchrun: two fresh interpreters
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:

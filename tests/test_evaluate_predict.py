@@ -60,7 +60,7 @@ def test_evaluate_mlflow_model_uri_logs_to_the_model_run(runner, tiny_classifier
     """A runs:/ model URI evaluates like its folder, and the scores land on the run that logged the model."""
     from mlflow import MlflowClient
 
-    from transferkit.tracking.runs import start_run
+    from transferkit.tracking.tracker import start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

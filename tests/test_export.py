@@ -24,6 +24,7 @@ def _preprocess_like_a_deployment(sidecar: dict, paths) -> np.ndarray:
     return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]).numpy()
 
 
+@pytest.mark.slow
 def test_onnx_export_parity_on_real_images(runner, tiny_classifier, tiny_data, tmp_path):
     import onnxruntime
 
@@ -49,7 +50,7 @@ def test_onnx_export_parity_on_real_images(runner, tiny_classifier, tiny_data, t
 
 
 def test_torchscript_export_parity(tiny_classifier, tmp_path):
-    out = export(tiny_classifier, "torchscript", out=tmp_path / "model.pt")
+    out = export(tiny_classifier, "torchscript", out=tmp_path / "model.pt").path
     sidecar = json.loads(sidecar_path(out).read_text())
     assert sidecar["parity"]["source"] == "generated images" and sidecar["parity"]["max_abs_diff"] <= 1e-3
     assert sidecar["opset"] is None
@@ -67,7 +68,7 @@ def test_torchscript_export_parity(tiny_classifier, tmp_path):
 
 
 def test_export_default_out_is_beside_the_checkpoint(tiny_classifier):
-    out = export(tiny_classifier, "torchscript")
+    out = export(tiny_classifier, "torchscript").path
     try:
         assert out == tiny_classifier / "model.torchscript.pt" and sidecar_path(out).is_file()
     finally:
@@ -110,6 +111,7 @@ ACCEPTABLE_TOP5 = {
 }
 
 
+@pytest.mark.slow
 @requires_shared_weights
 def test_real_lite0_imagenet_model_predicts_and_exports(runner, tmp_path):
     """The real ImageNet lite0 as a transferkit classifier: sane top-5 on the sanity photos, ONNX parity on them."""

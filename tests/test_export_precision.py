@@ -14,6 +14,8 @@ from transferkit.errors import TransferkitError
 from transferkit.use import precision as precision_lib
 from transferkit.use.export import check_batch, export, sidecar_path
 
+pytestmark = pytest.mark.slow  # each exports, converts and scores an ONNX model: ~2.5 s
+
 
 def test_fp16_runs_and_matches_fp32_loosely(runner, tiny_classifier, tiny_data, tmp_path):
     from transferkit.models.predictors import load_predictor
@@ -41,7 +43,7 @@ def test_fp16_runs_and_matches_fp32_loosely(runner, tiny_classifier, tiny_data, 
 
 def test_int8_is_calibrated_and_written_when_accuracy_holds(tiny_classifier, tiny_data, tmp_path):
     out = export(tiny_classifier, "onnx", out=tmp_path / "model.int8.onnx", precision="int8",
-                 check_images=[tiny_data / "val"], calibration=tiny_data / "train", calibration_images=10)
+                 check_images=[tiny_data / "val"], calibration=tiny_data / "train", calibration_images=10).path
     sidecar = json.loads(sidecar_path(out).read_text())
     assert sidecar["calibration"]["images"] == 10 and sidecar["calibration"]["method"] == "minmax"
     check = sidecar["precision_check"]

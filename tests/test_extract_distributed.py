@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
-from conftest import TINY_BACKBONE
+from conftest import TINY_BACKBONE, free_port
 
-from transferkit.features.extract import extract_features, read_features
+from transferkit.features.extract import extract_features
+from transferkit.features.feature_file import read_features
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+pytestmark = pytest.mark.slow  # torchrun: two fresh interpreters
 
 
 def test_two_process_extract_equals_single_process(tiny_data3, tiny_weights, tmp_path):
@@ -32,7 +29,7 @@ def test_two_process_extract_equals_single_process(tiny_data3, tiny_weights, tmp
         torch.set_num_threads(threads)
     merged = tmp_path / "merged.parquet"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                "-m", "transferkit", "extract", "--backbone", TINY_BACKBONE, "--weights", str(tiny_weights),
                "--data", str(tiny_data3), "--out", str(merged), "--batch-size", "4", "--workers", "0",
                "--device", "cpu"]

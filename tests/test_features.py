@@ -12,14 +12,14 @@ from transferkit.cli import main
 from transferkit.core.fileio import sha256_file
 from transferkit.data import discover
 from transferkit.errors import TransferkitError
-from transferkit.features.extract import (
+from transferkit.features.extract import compute_features
+from transferkit.features.feature_file import (
     _NpzSink,
-    build_feature_model,
-    compute_features,
-    embed,
+    feature_identity_mismatch,
     read_features,
     read_metadata,
 )
+from transferkit.models.embedding import build_feature_model, embed
 
 
 def _preprocessed(paths, preprocessing):
@@ -168,3 +168,12 @@ def test_extract_cli(runner, tiny_data, tiny_weights, tmp_path):
     result = runner.invoke(main, [*args[:-6], "--split", "test"])
     assert result.exit_code == 2 and "error: split 'test'" in result.output
 
+
+def test_feature_identity_ignores_key_order_and_tuples_but_not_values():
+    """Stored metadata is JSON: the same mapping in another key order, or a tuple read back as a list, is the same."""
+    stored = {"backbone": "resnet18", "model_kwargs": {"drop_rate": 0.1, "in_chans": 3}, "pool": "avg",
+              "preprocessing": {"mean": [0.5, 0.5, 0.5], "input_size": [3, 224, 224]}}
+    expected = {"pool": "avg", "model_kwargs": {"in_chans": 3, "drop_rate": 0.1}, "backbone": "resnet18",
+                "preprocessing": {"input_size": (3, 224, 224), "mean": (0.5, 0.5, 0.5)}}
+    assert feature_identity_mismatch(stored, expected) == []
+    assert feature_identity_mismatch(stored, {**expected, "pool": "max", "layer": "blocks.3"}) == ["pool", "layer"]

@@ -2,50 +2,20 @@
 
 from __future__ import annotations
 
-import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import FINETUNE_IMG, TINY_BACKBONE, config_for, read_metrics, run_cli
 from safetensors.torch import load_file
 
 from transferkit.cli import main
+from transferkit.tasks import get_task
 from transferkit.train import finetune
 from transferkit.train.config import resolve_config
-from transferkit.train.engine import METRIC_COLUMNS, TIMING_COLUMNS
 
-BACKBONE = "test_efficientnet"
-IMG = 32  # below the fixture's 64 px: 4x less compute, and it checks that --img-size reaches the checkpoint
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny model gains nothing from threads, and on a busy shared CPU OpenMP's spin-waiting threads made
-    these tests 5-7x slower; restored after each test so other test files keep torch's default."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(runner, tiny_data, tiny_weights, out, *args):
-    return runner.invoke(main, ["finetune", "--backbone", BACKBONE, "--weights", str(tiny_weights), "--data", str(tiny_data),
-                                "--out", str(out), "--no-track", "--workers", "0", "--batch-size", "8", "--img-size", str(IMG),
-                                *args])
-
-
-def config_for(tiny_data, tiny_weights, out, **overrides):
-    base = {"backbone": BACKBONE, "weights": str(tiny_weights), "data": str(tiny_data), "out": str(out),
-            "track": False, "workers": 0, "batch_size": 8, "epochs": 1, "lr": 0.01, "img_size": IMG}
-    return resolve_config(None, {**base, **overrides})
-
-
-def read_metrics(run_dir: Path, drop_timing: bool = True) -> list[dict]:
-    with open(run_dir / "metrics.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    return [{k: v for k, v in row.items() if not (drop_timing and k in TIMING_COLUMNS)} for row in rows]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 STRATEGY_EPOCHS = {"linear-probe": 1, "full": 1, "freeze-unfreeze": 1, "discriminative": 1, "partial:1": 1}  # any budget >= 1
@@ -66,11 +36,11 @@ def test_every_strategy_trains_a_loadable_classifier(runner, tiny_data, tiny_wei
                  "last.safetensors", "last.json", "resume.pt", "result.json"):
         assert (run_dir / name).is_file(), name
     rows = read_metrics(run_dir, drop_timing=False)
-    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1)) and list(rows[0]) == list(METRIC_COLUMNS)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1)) and list(rows[0]) == list(get_task().epoch_columns)
     assert resolve_config(run_dir / "config.yaml").strategy == strategy
     best = json.loads((run_dir / "best.json").read_text())
     assert best["class_names"] == ["cat", "dog"] and best["recipe"]["strategy"] == strategy
-    assert len(best["split"]) == 24 and best["preprocessing"]["input_size"] == [3, IMG, IMG]
+    assert len(best["split"]) == 24 and best["preprocessing"]["input_size"] == [3, FINETUNE_IMG, FINETUNE_IMG]
     # the best checkpoint reproduces its own recorded val accuracy through the public predictor
     predictor = load_predictor(run_dir)
     val = sorted((tiny_data / "val").rglob("*.png"))
@@ -90,7 +60,7 @@ def check_frozen_parts_unchanged(strategy, initial, trained_path):
     if strategy in ("full", "discriminative"):
         trainable_modules = [""]  # everything
     elif strategy == "partial:1":
-        last_stage = stage_groups(timm.create_model(BACKBONE, num_classes=2))[-1]
+        last_stage = stage_groups(timm.create_model(TINY_BACKBONE, num_classes=2))[-1]
         trainable_modules = sorted({name.rsplit(".", 1)[0] + "." for name in last_stage})
     else:
         trainable_modules = [] if strategy == "linear-probe" else [""]  # freeze-unfreeze ends with everything
@@ -179,7 +149,7 @@ def test_balance_and_plateau_options_run(tiny_data3, tiny_weights, tmp_path):
 def test_run_folders_are_never_overwritten(tiny_data, tiny_weights, tmp_path, runner):
     first = finetune(config_for(tiny_data, tiny_weights, tmp_path, strategy="linear-probe", aug="none"), progress=False)
     second = finetune(config_for(tiny_data, tiny_weights, tmp_path, strategy="linear-probe", aug="none"), progress=False)
-    assert first.run_dir != second.run_dir and first.run_dir.name.startswith(f"{BACKBONE}-linear-probe-")
+    assert first.run_dir != second.run_dir and first.run_dir.name.startswith(f"{TINY_BACKBONE}-linear-probe-")
     result = run_cli(runner, tiny_data, tiny_weights, tmp_path, "--name", first.run_dir.name, "--strategy", "full")
     assert result.exit_code == 2 and "already exists" in result.output
 

@@ -20,9 +20,11 @@ from safetensors.torch import save_file
 
 from transferkit.cli import main
 from transferkit.errors import TransferkitError
-from transferkit.features.classical_heads import fit_head, load_head, parse_grid
-from transferkit.features.extract import FeatureTable, extract_features, read_features
+from transferkit.features.classical_heads import fit_head, parse_grid, predict_proba_features
+from transferkit.features.extract import extract_features
+from transferkit.features.feature_file import FeatureTable, read_features
 from transferkit.models.predictors import load_predictor
+from transferkit.models.svm_head import load_head
 
 
 @pytest.fixture
@@ -74,7 +76,7 @@ def test_svm_shortcut_model_predicts_images(runner, tiny_data, tiny_weights, tmp
     assert probs.shape == (8, 2) and np.allclose(probs.sum(1), 1)
     assert (probs.argmax(1) == val.label_index).all()
     # images through the saved model == its head on the extracted vectors: the same preprocessing and pooling
-    np.testing.assert_allclose(probs, predictor.predict_proba_features((val, meta)), atol=1e-5)
+    np.testing.assert_allclose(probs, predict_proba_features(predictor, (val, meta)), atol=1e-5)
 
 
 def test_features_from_other_weights_are_refused(tiny_data, tiny_weights, other_weights, tmp_path):
@@ -83,9 +85,9 @@ def test_features_from_other_weights_are_refused(tiny_data, tiny_weights, other_
     foreign = extract_tiny(tiny_data, other_weights, tmp_path / "other.parquet")
     predictor = load_predictor(tmp_path / "model")
     with pytest.raises(TransferkitError, match="another model.*weights"):
-        predictor.predict_proba_features(foreign)
+        predict_proba_features(predictor, foreign)
     with pytest.raises(TransferkitError, match="another model.*pool"):
-        predictor.predict_proba_features(extract_tiny(tiny_data, tiny_weights, tmp_path / "max.parquet", pool="max"))
+        predict_proba_features(predictor, extract_tiny(tiny_data, tiny_weights, tmp_path / "max.parquet", pool="max"))
     with pytest.raises(TransferkitError, match="pass the same --weights"):
         fit_head(mine, "logistic", cv=2, out=tmp_path / "model2", weights=other_weights)
 
@@ -141,6 +143,7 @@ def test_svm_cli_argument_errors(runner, tmp_path):
     assert result.exit_code == 2 and "--pool, --tta only apply when svm extracts" in result.output
 
 
+@pytest.mark.slow
 @requires_shared_weights
 @requires_shared_roads
 def test_real_lite0_features_separate_road_surfaces(tmp_path):

@@ -24,7 +24,7 @@ from conftest import (
 from mlflow import MlflowClient
 
 from transferkit.cli import main
-from transferkit.tracking.runs import start_run
+from transferkit.tracking.tracker import start_run
 
 CLASSES = ["cat", "dog"]
 REGISTERED = "tiny-classifier"
@@ -136,6 +136,7 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.slow
 def test_pyfunc_predicts_bytes_base64_and_arrays_in_a_fresh_process(mlflow_server, logged, logged_svm, svm_folder,
                                                                      images, expected):
     """Classifier and SVM models alike: the same probabilities as transferkit's own predictor, for every input form."""
@@ -187,12 +188,13 @@ def test_decode_image_accepts_every_documented_form(images):
 
 
 def test_predictions_frame_top_k_is_capped_by_the_classes():
+    from transferkit.tasks import get_task
     from transferkit.tracking.pyfunc_model import predictions_frame
 
-    frame = predictions_frame(np.array([[0.1, 0.7, 0.2]]), ["a", "b", "c"], top_k=10)
+    frame = predictions_frame(get_task(), np.array([[0.1, 0.7, 0.2]]), ["a", "b", "c"], top_k=10)
     assert frame.to_dict(orient="records") == [
         {"class": "b", "probability": 0.7, "top_classes": ["b", "c", "a"], "top_probabilities": [0.7, 0.2, 0.1]}]
-    assert predictions_frame(np.array([[0.1, 0.7, 0.2]]), ["a", "b", "c"], top_k=0)["top_classes"][0] == ["b"]
+    assert predictions_frame(get_task(), np.array([[0.1, 0.7, 0.2]]), ["a", "b", "c"], top_k=0)["top_classes"][0] == ["b"]
 
 
 @pytest.mark.slow

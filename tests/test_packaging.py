@@ -16,6 +16,34 @@ from transferkit.choices import AUG_PRESETS
 from transferkit.errors import TransferkitError
 
 REPO = Path(__file__).resolve().parents[1]
+# one bundled name of each kind, as --recipe, --aug and --space take them
+BUNDLED = {"recipes": "quick-cpu", "recipes/augment": "light", "recipes/sweeps": "backbones-cpu"}
+RESOLVE_BUNDLED = f"""
+import json
+from transferkit.core.bundled import resolve_yaml
+found = {{kind: resolve_yaml(name, kind, kind) for kind, name in {BUNDLED!r}.items()}}
+print(json.dumps({{kind: [str(path), path.read_text()] for kind, path in found.items()}}))
+"""
+
+
+def environment_without_pythonpath() -> dict[str, str]:
+    """So that a subprocess imports transferkit from its own install, not from a path this process was given."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def resolve_bundled_in(python: Path | str, cwd: Path) -> dict[str, list[str]]:
+    """kind -> [path, text] of each of ``BUNDLED`` as transferkit's own lookup finds it in a fresh ``python``."""
+    done = subprocess.run([str(python), "-c", RESOLVE_BUNDLED], cwd=cwd, env=environment_without_pythonpath(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def assert_are_the_top_level_recipes(found: dict[str, list[str]], installed_under: Path) -> None:
+    for kind, (path, text) in found.items():
+        source = REPO / kind / f"{BUNDLED[kind]}.yaml"
+        assert Path(path).is_relative_to(installed_under), path
+        assert text == source.read_text() and text.strip(), kind
 
 
 def test_recipes_presets_and_sweep_files_resolve_by_name():
@@ -27,11 +55,30 @@ def test_recipes_presets_and_sweep_files_resolve_by_name():
     assert bundled_names("recipes/augment") == sorted(AUG_PRESETS)
     assert {"quick-cpu", "linear-probe", "roads-resnet50"} <= set(bundled_names("recipes"))
     assert resolve_config("quick-cpu").backbone == "tf_efficientnet_lite0"
-    assert read_recipe("quick-cpu") == read_recipe(REPO / "transferkit" / "recipes" / "quick-cpu.yaml")
+    assert read_recipe("quick-cpu") == read_recipe(REPO / "recipes" / "quick-cpu.yaml")
     assert "transform" in preset_path("light").read_text() and load_augmentation("heavy").transforms
     assert read_sweep_file("backbones-cpu")
     with pytest.raises(TransferkitError, match=r"recipe 'quick-gpu' is neither a file nor a bundled name \(linear-probe"):
         read_recipe("quick-gpu")
+
+
+def test_setup_cfg_lists_every_subpackage_and_maps_the_recipes():
+    """setup.cfg lists its packages (find: cannot see recipes/ as transferkit.recipes), so a new subpackage
+    must be added there or the wheel silently lacks it."""
+    import configparser
+
+    options = configparser.ConfigParser()
+    options.read(REPO / "setup.cfg")
+    listed = set(options["options"]["packages"].split())
+    on_disk = {".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "transferkit").rglob("__init__.py")}
+    assert listed == on_disk | {"transferkit.recipes"}
+    assert options["options"]["package_dir"].split() == ["transferkit.recipes", "=", "recipes"]
+    assert not (REPO / "transferkit" / "recipes").exists()  # one copy, at the top level
+
+
+def test_editable_install_reads_the_top_level_recipes(tmp_path):
+    """This venv's editable transferkit, away from the checkout, finds the bundled names in recipes/."""
+    assert_are_the_top_level_recipes(resolve_bundled_in(sys.executable, cwd=tmp_path), REPO / "recipes")
 
 
 def test_missing_extra_is_one_line_naming_the_pip_extra(runner, tiny_classifier, tmp_path, monkeypatch):
@@ -74,7 +121,7 @@ def test_hf_hub_names_work_wherever_a_backbone_name_does(tmp_path, tiny_weights,
 
     from transferkit.core.fileio import safe_name
     from transferkit.models.backbones import backbone_identity, load_backbone, weights_file_name
-    from transferkit.tracking.runs import default_run_name
+    from transferkit.tracking.naming import default_run_name
 
     name = "hf-hub:transferkit-test/tiny"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(_fake_hub_cache(tmp_path / "hub", name[7:], tiny_weights)))
@@ -92,10 +139,15 @@ def test_hf_hub_names_work_wherever_a_backbone_name_does(tmp_path, tiny_weights,
         load_backbone("hf-hub:nobody/nothing", pretrained=False)
 
 
-@pytest.mark.slow
-def test_wheel_in_a_fresh_venv_finds_its_recipes_and_presets(tmp_path, tiny_data, tiny_weights):
-    """Build the wheel from the tracked files, install it (no deps: they come from this venv) into a new venv,
-    and use bundled names from outside any checkout."""
+def wheel_site_packages(venv: Path) -> Path:
+    return next((venv / "lib").glob("python3*/site-packages"))
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory) -> Path:
+    """A new venv holding the wheel built from the checkout's tracked and new files (no deps: they come from
+    this venv)."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     source = tmp_path / "src"
     files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard"], check=True,
                            capture_output=True, text=True).stdout.split()
@@ -108,12 +160,23 @@ def test_wheel_in_a_fresh_venv_finds_its_recipes_and_presets(tmp_path, tiny_data
     (wheel,) = (tmp_path / "dist").glob("transferkit-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = next((venv / "lib").glob("python3*/site-packages"))
     deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "torch").is_dir())
-    (site / "deps.pth").write_text(str(deps) + "\n")  # torch & co. from this venv; not its editable transferkit
+    (wheel_site_packages(venv) / "deps.pth").write_text(str(deps) + "\n")  # torch & co. from this venv; not its editable transferkit
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
                     "--no-deps", "--no-index", str(wheel)], check=True)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return venv
+
+
+def test_wheel_in_a_fresh_venv_holds_the_top_level_recipes(wheel_venv, tmp_path):
+    found = resolve_bundled_in(wheel_venv / "bin" / "python", cwd=tmp_path)
+    assert_are_the_top_level_recipes(found, wheel_site_packages(wheel_venv) / "transferkit" / "recipes")
+
+
+@pytest.mark.slow
+def test_wheel_in_a_fresh_venv_trains_from_a_bundled_recipe(wheel_venv, tmp_path, tiny_data, tiny_weights):
+    """The installed command, outside any checkout: a preset and a recipe by name, then a short finetune."""
+    command = str(wheel_venv / "bin" / "transferkit")
+    env = environment_without_pythonpath()
     env["TRANSFERKIT_WEIGHTS_DIR"] = str(tiny_weights.parent)
 
     def run(*args):
@@ -121,9 +184,8 @@ def test_wheel_in_a_fresh_venv_finds_its_recipes_and_presets(tmp_path, tiny_data
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout
 
-    assert str(site) in run(str(venv / "bin" / "python"), "-c", "import transferkit; print(transferkit.__file__)")
-    assert "HorizontalFlip" in run(str(venv / "bin" / "transferkit"), "augment", "show", "light")
-    out = run(str(venv / "bin" / "transferkit"), "finetune", "--recipe", "quick-cpu", "--data", str(tiny_data),
+    assert "HorizontalFlip" in run(command, "augment", "show", "light")
+    out = run(command, "finetune", "--recipe", "quick-cpu", "--data", str(tiny_data),
               "--backbone", TINY_BACKBONE, "--epochs", "1", "--batch-size", "4", "--workers", "0", "--no-track",
               "--out", str(tmp_path / "runs"), "--name", "wheel")
     assert "best epoch 1" in out and (tmp_path / "runs" / "wheel" / "best.safetensors").is_file()

@@ -9,23 +9,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_ROADS, SHARED_WEIGHTS, requires_shared_roads, requires_shared_weights
+from conftest import (
+    DATA_CONFIG,
+    SHARED_ROADS,
+    SHARED_WEIGHTS,
+    SQUARE_DATA_CONFIG,
+    requires_shared_roads,
+    requires_shared_weights,
+)
 from PIL import Image
 
 from transferkit.choices import AUG_PRESETS, RESIZE_MODES, TTA_MODES
 from transferkit.data.decode import load_image
 from transferkit.errors import TransferkitError
 from transferkit.models.preprocessing import Preprocessing
-
-# Deliberately not ImageNet statistics and not square, so a hard-coded mean/std or size would show.
-CONFIG = {"input_size": [3, 48, 64], "interpolation": "bicubic", "mean": [0.2, 0.4, 0.6], "std": [0.1, 0.2, 0.3],
-          "crop_pct": 0.875, "crop_mode": "center"}
-SQUARE = {**CONFIG, "input_size": [3, 64, 64]}
-
-
-@pytest.fixture(scope="module")
-def photo():
-    return np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
 
 
 def _timm_eval(preprocessing: Preprocessing):
@@ -35,31 +32,31 @@ def _timm_eval(preprocessing: Preprocessing):
 
 
 def test_resize_modes_map_onto_timms_crop_mode():
-    assert [Preprocessing.resolve(CONFIG, mode).crop_mode for mode in RESIZE_MODES] == ["center", "squash", "border"]
-    assert Preprocessing.resolve(CONFIG).resize_mode == "crop"  # None: the config's own mode
-    own_squash = Preprocessing.resolve({**CONFIG, "crop_mode": "squash", "crop_pct": 0.95})
+    assert [Preprocessing.resolve(DATA_CONFIG, mode).crop_mode for mode in RESIZE_MODES] == ["center", "squash", "border"]
+    assert Preprocessing.resolve(DATA_CONFIG).resize_mode == "crop"  # None: the config's own mode
+    own_squash = Preprocessing.resolve({**DATA_CONFIG, "crop_mode": "squash", "crop_pct": 0.95})
     assert (own_squash.resize_mode, own_squash.crop_pct) == ("squash", 0.95)  # a backbone's own mode, as timm has it
     # squash / letterbox chosen over the backbone's centre crop keep the whole frame
-    assert Preprocessing.resolve(CONFIG, "letterbox").crop_pct == 1.0
-    assert Preprocessing.resolve(CONFIG, "crop").crop_pct == 0.875
+    assert Preprocessing.resolve(DATA_CONFIG, "letterbox").crop_pct == 1.0
+    assert Preprocessing.resolve(DATA_CONFIG, "crop").crop_pct == 0.875
     with pytest.raises(TransferkitError, match="unknown resize mode 'stretch'"):
-        Preprocessing.resolve(CONFIG, "stretch")
+        Preprocessing.resolve(DATA_CONFIG, "stretch")
     with pytest.raises(TransferkitError, match="3 positive stds"):
-        Preprocessing.resolve({**CONFIG, "std": [0.1, 0.0, 0.3]})
+        Preprocessing.resolve({**DATA_CONFIG, "std": [0.1, 0.0, 0.3]})
 
 
 def test_metadata_round_trip_and_older_checkpoints():
     for mode in RESIZE_MODES:
-        preprocessing = Preprocessing.resolve(CONFIG, mode)
+        preprocessing = Preprocessing.resolve(DATA_CONFIG, mode)
         assert Preprocessing.from_metadata(preprocessing.to_metadata()) == preprocessing
         # a checkpoint written before the Preprocessing object: data_config + resize_mode
-        assert Preprocessing.from_metadata({"data_config": CONFIG, "resize_mode": mode}) == preprocessing
-    assert Preprocessing.from_metadata({"data_config": CONFIG}).resize_mode == "crop"
+        assert Preprocessing.from_metadata({"data_config": DATA_CONFIG, "resize_mode": mode}) == preprocessing
+    assert Preprocessing.from_metadata({"data_config": DATA_CONFIG}).resize_mode == "crop"
 
 
 @pytest.mark.parametrize("mode", RESIZE_MODES)
 def test_eval_transform_is_timms_own(mode, photo):
-    preprocessing = Preprocessing.resolve(CONFIG, mode)
+    preprocessing = Preprocessing.resolve(DATA_CONFIG, mode)
     ours = preprocessing.eval_transform()(photo)
     assert ours.shape == (3, 48, 64) and ours.dtype == torch.float32
     assert torch.equal(ours, _timm_eval(preprocessing)(Image.fromarray(photo)))
@@ -90,7 +87,7 @@ def test_feature_parity_with_timm_including_the_draft_decode(mode, tmp_path, tin
 @pytest.mark.parametrize("preset", AUG_PRESETS)
 @pytest.mark.parametrize("mode", RESIZE_MODES)
 def test_train_transforms_give_input_sized_tensors_normalised_with_the_backbone_stats(preset, mode, photo):
-    preprocessing = Preprocessing.resolve(CONFIG, mode)
+    preprocessing = Preprocessing.resolve(DATA_CONFIG, mode)
     transform = preprocessing.train_transform(preset)
     for seed in range(2):
         transform.set_random_seed(seed)
@@ -100,25 +97,25 @@ def test_train_transforms_give_input_sized_tensors_normalised_with_the_backbone_
     plain = preprocessing.train_transform(preset if preset in ("none", "light") else "light")
     plain.set_random_seed(0)
     grey = plain(np.full((70, 90, 3), 128, dtype=np.uint8))
-    expected = (128 / 255 - torch.tensor(CONFIG["mean"])) / torch.tensor(CONFIG["std"])
+    expected = (128 / 255 - torch.tensor(DATA_CONFIG["mean"])) / torch.tensor(DATA_CONFIG["std"])
     assert torch.allclose(grey[:, 20, 30], expected, atol=1e-5)
 
 
 def test_none_preset_is_exactly_the_eval_transform(photo):
     for mode in RESIZE_MODES:
-        preprocessing = Preprocessing.resolve(CONFIG, mode)
+        preprocessing = Preprocessing.resolve(DATA_CONFIG, mode)
         assert torch.equal(preprocessing.train_transform("none")(photo), preprocessing.eval_transform()(photo))
 
 
 @pytest.mark.parametrize("tta", TTA_MODES)
 @pytest.mark.parametrize("mode", RESIZE_MODES)
 def test_tta_modes_give_the_right_number_of_views(tta, mode, photo):
-    views = Preprocessing.resolve(CONFIG, mode).tta_views(tta)(photo)
+    views = Preprocessing.resolve(DATA_CONFIG, mode).tta_views(tta)(photo)
     assert views.shape == ({"none": 1, "hflip": 2, "five-crop": 5, "ten-crop": 10}[tta], 3, 48, 64)
 
 
 def test_tta_views_are_the_eval_view_its_mirror_and_distinct_crops(photo):
-    preprocessing = Preprocessing.resolve(SQUARE)
+    preprocessing = Preprocessing.resolve(SQUARE_DATA_CONFIG)
     eval_view = preprocessing.eval_transform()(photo)
     assert torch.equal(preprocessing.tta_views("none")(photo)[0], eval_view)
     flips = preprocessing.tta_views("hflip")(photo)
@@ -132,13 +129,13 @@ def test_tta_views_are_the_eval_view_its_mirror_and_distinct_crops(photo):
 
 
 def test_denormalize_inverts_normalisation():
-    preprocessing = Preprocessing.resolve(CONFIG, "squash")
+    preprocessing = Preprocessing.resolve(DATA_CONFIG, "squash")
     tensor = preprocessing.eval_transform()(np.full((48, 64, 3), 200, dtype=np.uint8))
     assert np.abs(preprocessing.denormalize(tensor).astype(int) - 200).max() <= 1
 
 
 def test_export_steps_name_timms_steps():
-    steps = Preprocessing.resolve(SQUARE, "letterbox").export_steps()
+    steps = Preprocessing.resolve(SQUARE_DATA_CONFIG, "letterbox").export_steps()
     assert steps[0].startswith("ResizeKeepRatio(") and steps[1].startswith("CenterCropOrPad(")
     assert steps[-1] == "Normalize(mean=[0.2, 0.4, 0.6], std=[0.1, 0.2, 0.3])"
 
@@ -162,13 +159,14 @@ def test_saved_models_restore_their_preprocessing(tmp_path, tiny_weights, photo)
         assert load_backbone("test_efficientnet", weights=path, num_classes=2)[1].resize_mode == mode
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @requires_shared_weights
 @requires_shared_roads
 @pytest.mark.parametrize("mode", RESIZE_MODES)
 def test_real_features_match_timms_eval_transform_on_roads(mode):
     """tf_efficientnet_lite0 on the 89 road frames (up to 1280x960): mean cosine >= 0.999 with the draft decode."""
-    from transferkit.features.extract import build_feature_model
+    from transferkit.models.embedding import build_feature_model
 
     model, preprocessing = build_feature_model("tf_efficientnet_lite0", resize_mode=mode,
                                                weights=SHARED_WEIGHTS / "tf_efficientnet_lite0.safetensors")

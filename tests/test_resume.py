@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from test_finetune import config_for, one_torch_thread, read_metrics  # noqa: F401,I001  (autouse fixture; tests/ on sys.path)
+from conftest import config_for, read_metrics
 
 from transferkit.cli import main
-from transferkit.train import engine, finetune
+from transferkit.train import finetune, loop
 from transferkit.train.resume_state import COMPLETE_FILE
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Crash(KeyboardInterrupt):
@@ -15,15 +17,15 @@ class Crash(KeyboardInterrupt):
 
 
 def crash_in_epoch(monkeypatch, crash_epoch: int) -> None:
-    real = engine._Run._train_epoch
+    real = loop.train_one_epoch
 
-    def train_then_die(self, epoch, phase):
-        result = real(self, epoch, phase)  # the model and optimizer have moved on in memory...
+    def train_then_die(epoch, *args, **kwargs):
+        result = real(epoch, *args, **kwargs)  # the model and optimizer have moved on in memory...
         if epoch == crash_epoch:
             raise Crash  # ...and are lost, as in a kill before the commit
         return result
 
-    monkeypatch.setattr(engine._Run, "_train_epoch", train_then_die)
+    monkeypatch.setattr(loop, "train_one_epoch", train_then_die)
 
 
 def recipe(tiny_data, tiny_weights, out, name):

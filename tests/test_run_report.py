@@ -18,14 +18,7 @@ from transferkit.use.evaluate import evaluate
 
 CLASSES = ("cat", "dog", "fox")
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny model gains nothing from threads (see test_finetune.py); restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -158,16 +151,16 @@ def test_summary_is_the_best_checkpoint_after_early_stopping(tiny_data, tiny_wei
     of each summary key) shows epoch 1, while the ``epoch/`` series end at epoch 3."""
     from mlflow import MlflowClient
 
-    from transferkit.train import engine, finetune
+    from transferkit.train import finetune, loop
     from transferkit.train.config import resolve_config
 
     scripted = iter([(0.5, 0.9, 0.88), (0.7, 0.6, 0.55), (0.8, 0.5, 0.4)])
 
-    def scripted_scores(self):
+    def scripted_scores(module, data, **kwargs):
         loss, accuracy, f1 = next(scripted)
         return {"val_loss": loss, "val_accuracy": accuracy, "val_macro_f1": f1}
 
-    monkeypatch.setattr(engine._Run, "_evaluate", scripted_scores)
+    monkeypatch.setattr(loop, "validate", scripted_scores)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = resolve_config(None, {
         "backbone": TINY_BACKBONE, "weights": str(tiny_weights), "data": str(tiny_data), "out": str(tmp_path),

@@ -67,3 +67,13 @@ def test_seeding_repeats_torch_numpy_and_python_streams():
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     runtime.seed_everything(123)
     assert first == (random.random(), np.random.rand(), torch.rand(1).item())
+
+
+@pytest.mark.parametrize("benchmark", [False, True])
+def test_cudnn_autotuning_is_a_setting_off_by_default(monkeypatch, benchmark):
+    """cuDNN's autotuner picks kernels by timing them, which breaks seeded repeatability: only on request."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not benchmark)
+    runtime.prepare_model(torch.nn.Linear(2, 2), torch.device("cpu"), benchmark=benchmark)
+    assert torch.backends.cudnn.benchmark is benchmark
+    runtime.prepare_model(torch.nn.Linear(2, 2), torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False

@@ -15,10 +15,19 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import CLASS_COLOURS, free_port, make_image, stop_process_tree, wait_for_http
-from test_ui import CHROMIUM, requires_chromium
+from conftest import (
+    CHROMIUM,
+    CLASS_COLOURS,
+    free_port,
+    make_image,
+    requires_chromium,
+    stop_process_tree,
+    wait_for_http,
+)
 
 from transferkit.use.serve import exposure_warning
+
+pytestmark = pytest.mark.slow  # a real server process (and Chromium) per module
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from tests.conftest import TINY_IMG, make_dataset
+from conftest import TINY_IMG, make_dataset
 
 BACKBONES = ["test_efficientnet", "test_resnet"]
 FAST = {"strategy": "linear-probe", "epochs": 1, "batch_size": 4, "workers": 0, "device": "cpu", "amp": False, "aug": "none",
@@ -143,10 +142,10 @@ def test_two_workers_share_one_study_without_duplicates(env, data):
     ({"storage": "study.db"}, "not a database URL"),
 ])
 def test_bad_input_is_one_line_before_training(env, data, monkeypatch, kwargs, message):
-    import transferkit.sweep
+    import transferkit.sweep.runner
     from transferkit.errors import TransferkitError
 
-    monkeypatch.setattr(transferkit.sweep, "rank_backbones", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(transferkit.sweep.runner, "rank_backbones", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(TransferkitError, match=message.replace("(", r"\(")):
         run_sweep(data, **kwargs)
 

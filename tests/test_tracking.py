@@ -11,16 +11,8 @@ from mlflow import MlflowClient
 
 from transferkit import __version__
 from transferkit.errors import TransferkitError
-from transferkit.tracking.runs import (
-    LONG_PARAMS_ARTIFACT,
-    MAX_PARAM_VALUE,
-    default_experiment_name,
-    default_run_name,
-    flatten_params,
-    recipe_git_commit,
-    run_tags,
-    start_run,
-)
+from transferkit.tracking.naming import default_experiment_name, default_run_name, recipe_git_commit, run_tags
+from transferkit.tracking.tracker import LONG_PARAMS_ARTIFACT, MAX_PARAM_VALUE, flatten_params, start_run
 
 
 def test_flatten_params_uses_dotted_keys_and_keeps_lists_whole():
@@ -103,7 +95,8 @@ def test_run_params_metrics_artifacts_round_trip(mlflow_server, tiny_data, tmp_p
         tracker.log_artifact(report)
         tracker.log_artifact(plots, "plots")
         tracker.log_dict({"resolved": True}, "recipe.yaml")
-        tracker.log_dataset(discover(tiny_data))
+        index = discover(tiny_data)
+        tracker.log_dataset(index, index.fingerprint())
         tracker.log_evaluation(split_scores("val", metrics), artifacts_dir=plots)
 
     client = MlflowClient(mlflow_server.url)

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import subprocess
 import urllib.request
 
 import numpy as np
 import pytest
+from conftest import CHROMIUM, requires_chromium
 from mlflow import MlflowClient
 
 from transferkit.cli import main
-from transferkit.tracking.runs import start_run
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-requires_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="headless Chromium is absent (Debian: apt-get install chromium; .ci/run installs it)"
-)
+from transferkit.tracking.tracker import start_run
 
 
 def test_ui_prints_its_url_and_serves_the_store(mlflow_server):
@@ -56,6 +51,7 @@ def _chromium(url: str, profile, *, screenshot=None, height: int = 1000) -> str:
     return subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
 
 
+@pytest.mark.slow
 @requires_chromium
 @pytest.mark.timeout(300)
 def test_reviewer_sees_run_metric_and_confusion_matrix(mlflow_server, tmp_path):
@@ -100,6 +96,7 @@ def _compare_row(dom: str, metric: str) -> list[str]:
     return [re.sub(r"<[^>]+>", "", cell) for cell in cells]
 
 
+@pytest.mark.slow
 @requires_chromium
 @pytest.mark.timeout(600)
 def test_runs_table_ranks_runs_by_their_best_checkpoints(mlflow_server, tiny_data, tiny_weights, tmp_path,
@@ -107,13 +104,13 @@ def test_runs_table_ranks_runs_by_their_best_checkpoints(mlflow_server, tiny_dat
     """Three finetunes whose val scores (scripted) peak at different epochs: sorted by ``val_accuracy`` the
     UI ranks them by their best checkpoints, which is not their last-epoch order."""
 
-    from transferkit.train import engine, finetune
+    from transferkit.train import finetune, loop
     from transferkit.train.config import resolve_config
 
     curves = {"early-peak": [0.9, 0.5], "late-peak": [0.6, 0.8], "flat": [0.7, 0.7]}
     scripted = iter([])
-    monkeypatch.setattr(engine._Run, "_evaluate",
-                        lambda self, module=None: {"val_loss": 1 - (acc := next(scripted)), "val_accuracy": acc,
+    monkeypatch.setattr(loop, "validate",
+                        lambda module, data, **kwargs: {"val_loss": 1 - (acc := next(scripted)), "val_accuracy": acc,
                                                    "val_macro_f1": acc})
     ids = {}
     for name, accuracies in curves.items():
@@ -135,6 +132,7 @@ def test_runs_table_ranks_runs_by_their_best_checkpoints(mlflow_server, tiny_dat
 
 
 
+@pytest.mark.slow
 @requires_chromium
 @pytest.mark.timeout(300)
 def test_compare_view_shows_per_class_metrics(mlflow_server, tmp_path):

@@ -1,6 +1,8 @@
 """transferkit: transfer learning for image folders on timm backbones."""
 
-__version__ = "0.1.0"
+from transferkit.version import __version__
+
+__all__ = ["FeatureExtractor", "__version__"]
 
 
 def __getattr__(name):

@@ -1,20 +1,18 @@
-"""Every allowed value of every setting, in one place: the CLI's ``click.Choice`` and the Python API both read
-these tuples, so a new strategy or pool is added once. Pure data (no torch, no cv2) so the CLI imports it for
-free.
+"""Every allowed value of every setting, in one place: :mod:`transferkit.params` makes them the constraints that
+the CLI's flags, the config and the Python API all check, so a new strategy or pool is added once. Pure data (no
+torch, no cv2) so the CLI imports it for free.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from transferkit.errors import TransferkitError
+from transferkit.tasks import monitor_names
 
 # finetune (keys of transferkit.train.config.TrainConfig)
 STRATEGIES = ("linear-probe", "full", "freeze-unfreeze", "discriminative", "partial:N")  # N = last stages to train
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "plateau", "none")
 BALANCE = ("none", "weights", "sampler")
-MONITORS = ("val_loss", "val_accuracy", "val_macro_f1")
+MONITORS = monitor_names()  # each task declares its metrics and their directions (transferkit.tasks)
 AUG_PRESETS = ("none", "light", "medium", "heavy")  # or an albumentations YAML file
 # BatchNorm running statistics while the body trains: auto = frozen for freeze-unfreeze (its fitted head keeps
 # seeing the features it was fitted on), updated from each batch for the other strategies
@@ -40,10 +38,3 @@ EXPORT_FORMATS = ("onnx", "torchscript")
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")  # fp16/int8: ONNX only
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # int8 activation ranges
 CAM_METHODS = ("gradcam", "gradcam++", "scorecam")
-
-
-def check_choice(what: str, value, allowed: Iterable[str]) -> None:
-    """One-line error naming the setting and its allowed values."""
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise TransferkitError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")

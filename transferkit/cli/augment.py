@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from transferkit.choices import AUG_PRESETS, RESIZE_MODES
-from transferkit.cli import main
+from transferkit import params
+from transferkit.choices import AUG_PRESETS
+from transferkit.cli.group import main
 from transferkit.cli.options import weights_options
 
 
@@ -18,14 +19,14 @@ def augment():
 @click.option("--data", required=True, type=click.Path(), help="Image folder (class folders or train/val/test) or labels CSV.")
 @click.option("--aug", default="light", show_default=True,
               help=f"Preset ({', '.join(AUG_PRESETS)}) or an albumentations YAML file (A.save(..., data_format='yaml')).")
-@click.option("-n", "count", type=click.IntRange(min=1, max=256), default=16, show_default=True, help="Samples in the grid.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Which images and which random draws.")
+@click.option("-n", "count", type=params.PREVIEW_SAMPLES.click_type(), default=16, show_default=True, help="Samples in the grid.")
+@click.option("--seed", type=params.SEED.click_type(), default=0, show_default=True, help="Which images and which random draws.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
 @click.option("--backbone", default="tf_efficientnet_lite0", show_default=True,
               help="Its input size, interpolation and mean/std define the tail of the pipeline.")
 @weights_options
-@click.option("--img-size", type=click.IntRange(min=16), default=None, help="Override the backbone's input size.")
-@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
+@click.option("--img-size", type=params.IMG_SIZE.click_type(), default=None, help="Override the backbone's input size.")
+@click.option("--resize-mode", type=params.RESIZE_MODE.click_type(), default=None,
               help="How images fit the input [default: the backbone's own, crop for most].")
 def preview_cmd(data, aug, count, seed, out, backbone, weights, weights_config, pretrained, img_size, resize_mode):
     """Write a grid of augmented training samples, captioned with their class, to --out.

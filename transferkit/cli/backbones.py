@@ -6,8 +6,9 @@ import json
 
 import click
 
-from transferkit.cli import main
+from transferkit.cli.group import main
 from transferkit.cli.options import weights_options
+from transferkit.errors import TransferkitError
 
 
 class _ListByDefault(click.Group):
@@ -33,7 +34,7 @@ def list_cmd(pattern, pretrained):
 
     names = list_backbones(pattern, pretrained=pretrained)
     if not names:
-        raise click.ClickException(f"no backbone matches {pattern!r}")
+        raise TransferkitError(f"no backbone matches {pattern!r}; try a broader pattern such as '*net*'")
     click.echo("\n".join(names))
 
 

@@ -7,7 +7,8 @@ import json
 
 import click
 
-from transferkit.cli import main
+from transferkit import params
+from transferkit.cli.group import main
 from transferkit.cli.options import tracking_options, weights_options
 from transferkit.features.audit import (  # light: numpy only
     DEFAULT_FOLDS,
@@ -25,11 +26,11 @@ def data():
 @data.command("check")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
-@click.option("--img-size", type=int, default=224, show_default=True,
+@click.option("--img-size", type=params.IMG_SIZE.click_type(), default=224, show_default=True,
               help="Backbone input size; images under half of it are flagged.")
 @click.option("--max-imbalance", type=float, default=3.0, show_default=True,
               help="Warn when the largest train class exceeds the smallest by more than this ratio.")
-@click.option("--val-ratio", type=float, default=0.0, show_default=True,
+@click.option("--val-ratio", type=params.VAL_RATIO.click_type(), default=0.0, show_default=True,
               help="Carve a val split as finetune would (0: report the splits on disk).")
 def check_cmd(path, as_json, img_size, max_imbalance, val_ratio):
     """Check PATH. Exit code: 0 clean, 1 warnings, 2 errors."""
@@ -75,23 +76,23 @@ def _print_report(report) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="audit", show_default=True,
               help="Folder for report.json, embedding_map.png, gallery.png (and the features it extracts).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--top", type=click.IntRange(min=1), default=DEFAULT_TOP, show_default=True,
+@click.option("--top", type=params.TOPK.click_type(), default=DEFAULT_TOP, show_default=True,
               help="Suspects per kind printed and shown in the gallery (report.json lists all).")
-@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_THRESHOLD, show_default=True,
+@click.option("--threshold", type=params.SIMILARITY_THRESHOLD.click_type(), default=DEFAULT_THRESHOLD, show_default=True,
               help="Cosine similarity of (centred) embeddings at or above which two images are near-duplicates.")
-@click.option("--pixel-threshold", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_PIXEL_THRESHOLD,
+@click.option("--pixel-threshold", type=params.SIMILARITY_THRESHOLD.click_type(), default=DEFAULT_PIXEL_THRESHOLD,
               show_default=True, help="Thumbnail correlation at or above which two images are near-duplicates "
                                       "(catches resized / re-encoded copies).")
-@click.option("--folds", type=click.IntRange(min=2), default=DEFAULT_FOLDS, show_default=True,
+@click.option("--folds", type=params.CV_FOLDS.click_type(), default=DEFAULT_FOLDS, show_default=True,
               help="Cross-validation folds for the out-of-fold label probabilities.")
 @click.option("--write-clean", type=click.Path(dir_okay=False), default=None,
               help="Write a path,label,split CSV without the flagged images (for `finetune --data`).")
 @click.option("--relabel", is_flag=True, help="With --write-clean: keep label suspects under their suggested label.")
-@click.option("--val-ratio", type=float, default=0.2, show_default=True,
+@click.option("--val-ratio", type=params.VAL_RATIO.click_type(), default=0.2, show_default=True,
               help="Share of train carved out as val when the data has no val split (as finetune does).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers [default: CPUs-1, max 8].")
+@click.option("--seed", type=params.SEED.click_type(), default=0, show_default=True)
+@click.option("--batch-size", type=params.BATCH_SIZE.click_type(), default=32, show_default=True)
+@click.option("--workers", type=params.WORKERS.click_type(), default=None, help="DataLoader workers [default: CPUs-1, max 8].")
 @click.option("--device", default="auto", show_default=True)
 @tracking_options
 def audit_cmd(path, backbone, as_json, top, track, **options):

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import click
 import yaml
 
-from transferkit.cli import main
+from transferkit.cli.group import main
 from transferkit.cli.options import weights_options
 from transferkit.train import config as train_config
 
@@ -24,29 +23,32 @@ WEIGHTS_KEYS = ("weights", "weights_config", "pretrained")  # from the shared we
 
 
 def config_options(func):
-    """One flag per config key, with its help and default; values stay text until the config checks them."""
+    """One flag per config key, with its help and default, typed by the constraint the key declares, so a flag
+    and a recipe line are refused with the same message."""
     for spec in reversed(dataclasses.fields(train_config.TrainConfig)):
         if spec.name in WEIGHTS_KEYS:
             continue
         flag = "--" + spec.name.replace("_", "-")
-        help_text = f"{spec.metadata['help']} [default: {_shown(spec.default)}]"
-        if spec.type == "bool":
-            option = click.option(f"{flag}/--no-{spec.name.replace('_', '-')}", spec.name, default=None, help=help_text)
+        if train_config.value_type(spec.name) is bool:
+            option = click.option(f"{flag}/--no-{spec.name.replace('_', '-')}", spec.name, default=None,
+                                  help=f"{spec.metadata['help']} [default: {_shown(spec.default)}]")
         else:
-            choices = train_config.CHOICE_KEYS.get(spec.name)
-            metavar = "[" + "|".join(choices) + "]" if choices else _metavar(spec.type)
-            option = click.option(flag, spec.name, default=None, metavar=metavar, help=help_text)
+            option = click.option(flag, spec.name, default=None, type=train_config.CONSTRAINTS[spec.name].click_type(),
+                                  help=_help(spec))
         func = option(func)
     return func
 
 
+def _help(spec: dataclasses.Field) -> str:
+    """The field's help, its default and, for a number, its range."""
+    shown = f"default: {_shown(spec.default)}"
+    if train_config.value_type(spec.name) in (int, float):
+        shown = f"{train_config.CONSTRAINTS[spec.name].description}; {shown}"
+    return f"{spec.metadata['help']} [{shown}]"
+
+
 def _shown(default) -> str:
     return "unset" if default is None or default == "" else str(default).lower() if isinstance(default, bool) else str(default)
-
-
-def _metavar(kind: str) -> str:
-    base = kind.replace(" | None", "")
-    return {"int": "INT", "float": "FLOAT"}.get(base, "TEXT")
 
 
 def parse_overrides(pairs) -> dict:
@@ -108,6 +110,7 @@ def finetune(recipe, resume, allow_data_change, overrides, **options):
 
     Any setting may also be given as KEY=VALUE (e.g. `lr=3e-4 aug=none`), checked like a recipe key.
     """
+    from transferkit.core import distributed
     from transferkit.errors import TransferkitError
     from transferkit.train import finetune as run_finetune
 
@@ -118,7 +121,7 @@ def finetune(recipe, resume, allow_data_change, overrides, **options):
     if allow_data_change and not resume:
         raise TransferkitError("--allow-data-change only applies with --resume")
     result = run_finetune(config, resume=resume, recipe=recipe, allow_data_change=allow_data_change)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
+    if distributed.is_main():  # under torchrun only rank 0 reports
         click.echo(result.summary())
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from transferkit.choices import MONITORS
-from transferkit.cli import main
+from transferkit import params
+from transferkit.cli.group import main
 from transferkit.cli.options import tracking_options
 
 
@@ -19,10 +19,10 @@ def _names(text: str | None) -> list[str] | None:
 @click.option("--space", "sweep_file", type=click.Path(dir_okay=False),
               help="Sweep YAML file, or a bundled one by name (backbones-cpu, lr-tpe): backbones, top_k, metric, trials, fixed keys, search space.")
 @click.option("--strategies", help="Comma-separated strategies to try, e.g. linear-probe,freeze-unfreeze.")
-@click.option("--epochs", type=click.IntRange(min=1), help="Epochs per trial.")
-@click.option("--top-k", type=int, help="Backbones finetuned after the stage-1 ranking [default: 2].")
-@click.option("--trials", type=int, help="Optuna TPE trials in all (pruned by the median rule); default: grid.")
-@click.option("--metric", type=click.Choice(MONITORS),
+@click.option("--epochs", type=params.EPOCHS.click_type(), help="Epochs per trial.")
+@click.option("--top-k", type=params.TOPK.click_type(), help="Backbones finetuned after the stage-1 ranking [default: 2].")
+@click.option("--trials", type=params.TRIALS.click_type(), help="Optuna TPE trials in all (pruned by the median rule); default: grid.")
+@click.option("--metric", type=params.MONITOR.click_type(),
               help="What ranks the trials (of each trial's best checkpoint) [default: val_accuracy].")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/sweeps", show_default=True,
               help="Features, trial run folders and the leaderboard go to OUT/<study>/.")
@@ -31,7 +31,7 @@ def _names(text: str | None) -> list[str] | None:
 @click.option("--study", help="Study name in that storage; the same name joins or resumes it "
                               "[default: sweep-<data folder> with --storage].")
 @click.option("--register", help="Register the winner's model in the MLflow model registry under this name.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the Optuna sampler.")
+@click.option("--seed", type=params.SEED.click_type(), default=0, show_default=True, help="Seed of the Optuna sampler.")
 @click.option("--verbose", is_flag=True, help="Print every epoch of every trial.")
 @tracking_options
 def sweep_cmd(data, backbones, strategies, **options):

@@ -9,7 +9,7 @@ import subprocess
 
 import click
 
-from transferkit.cli import main
+from transferkit.cli.group import main
 from transferkit.errors import TransferkitError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -23,7 +23,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
               help="Tracking store to show [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here].")
 def ui(port, host, backend_store_uri):
     """Start the MLflow UI on the tracking store and print its URL (Ctrl-C stops it)."""
-    from transferkit.tracking.runs import dashboard_command
+    from transferkit.tracking.store import dashboard_command
 
     command, env = dashboard_command(backend_store_uri, host=host, port=port)
     _check_port_free(host, port)

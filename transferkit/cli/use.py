@@ -12,11 +12,11 @@ from pathlib import Path
 
 import click
 
-from transferkit.choices import CALIBRATION_METHODS, CAM_METHODS, EXPORT_FORMATS, EXPORT_PRECISIONS, TTA_MODES
-from transferkit.cli import main
+from transferkit import params
+from transferkit.cli.group import main
 from transferkit.cli.options import tracking_options
 from transferkit.errors import TransferkitError
-from transferkit.use.precision import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MAX_DROP, PrecisionReport
+from transferkit.use.precision import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MAX_DROP
 
 
 def model_option(func):
@@ -27,11 +27,11 @@ def model_option(func):
 def inference_options(func):
     """--tta / --batch-size / --device / --workers, shared by evaluate and predict."""
 
-    @click.option("--tta", type=click.Choice(TTA_MODES), default="none", show_default=True,
+    @click.option("--tta", type=params.TTA.click_type(), default="none", show_default=True,
                   help="Test-time augmentation: probabilities averaged over the views.")
-    @click.option("--batch-size", default=32, show_default=True, type=int)
+    @click.option("--batch-size", default=32, show_default=True, type=params.BATCH_SIZE.click_type())
     @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-    @click.option("--workers", default=None, type=int, help="Image decoding workers (default: CPU count - 1, at most 8).")
+    @click.option("--workers", default=None, type=params.WORKERS.click_type(), help="Image decoding workers (default: CPU count - 1, at most 8).")
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return func(*args, **kwargs)
@@ -52,7 +52,7 @@ def inference_options(func):
 def evaluate(model_spec, data, split, tta, batch_size, device, workers, out, as_json, track, tracking_uri, experiment):
     """Accuracy, balanced accuracy, macro-F1, top-k, per-class report, confusion matrix, calibration (ECE)
     and the most confident errors of a trained model on labelled data."""
-    from transferkit.tracking.runs import per_class_table
+    from transferkit.reports.evaluation_report import per_class_table
     from transferkit.use.evaluate import evaluate as run_evaluate
 
     result = run_evaluate(model_spec, data, split=split, tta=tta, batch_size=batch_size, out=out, device=device,
@@ -74,7 +74,7 @@ def evaluate(model_spec, data, split, tta, batch_size, device, workers, out, as_
 @main.command()
 @model_option
 @click.argument("inputs", nargs=-1, required=True, metavar="PATH...")
-@click.option("--topk", default=3, show_default=True, type=int, help="Classes (with probabilities) per image.")
+@click.option("--topk", default=3, show_default=True, type=params.TOPK.click_type(), help="Classes (with probabilities) per image.")
 @inference_options
 @click.option("--out", type=click.Path(), default=None,
               help="Write the rows to .csv, .json or .parquet instead of printing a table; with --dense, the folder "
@@ -82,7 +82,7 @@ def evaluate(model_spec, data, split, tta, batch_size, device, workers, out, as_
 @click.option("--dense", is_flag=True,
               help="Class map of each frame: the classifier applied at every position of its last feature map "
                    "(FC as 1x1 convolution) on a frame larger than the training size. Needs --out FOLDER.")
-@click.option("--dense-size", type=int, default=None,
+@click.option("--dense-size", type=params.DENSE_SHORT_SIDE.click_type(), default=None,
               help="--dense: resize frames so their short side is this many pixels (default: twice the input size).")
 def predict(model_spec, inputs, topk, tta, batch_size, device, workers, out, dense, dense_size):
     """Predict the class of images: files, folders (searched recursively) and quoted glob patterns.
@@ -122,8 +122,8 @@ def _predict_dense(model_spec, inputs, out, dense_size, tta, device) -> None:
 
 @main.command()
 @model_option
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True)
-@click.option("--precision", type=click.Choice(EXPORT_PRECISIONS), default="fp32", show_default=True,
+@click.option("--format", "fmt", type=params.EXPORT_FORMAT.click_type(), default="onnx", show_default=True)
+@click.option("--precision", type=params.EXPORT_PRECISION.click_type(), default="fp32", show_default=True,
               help="ONNX weights/compute: fp32 (logit parity with torch), fp16 (converted) or int8 (static "
                    "quantization); fp16/int8 are checked for accuracy on labelled images.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
@@ -135,49 +135,47 @@ def _predict_dense(model_spec, inputs, out, dense_size, tta, device) -> None:
                    "With fp16/int8: one labelled folder for the accuracy check (default: the run's validation split).")
 @click.option("--calibration", type=click.Path(exists=True, file_okay=False), default=None,
               help="int8: folder of typical images to calibrate activation ranges (default: the run's training split).")
-@click.option("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, show_default=True,
+@click.option("--calibration-images", type=params.CALIBRATION_IMAGES.click_type(), default=DEFAULT_CALIBRATION_IMAGES, show_default=True,
               help="int8: how many calibration images (a seeded sample).")
-@click.option("--calibration-method", type=click.Choice(CALIBRATION_METHODS), default="minmax", show_default=True,
+@click.option("--calibration-method", type=params.CALIBRATION_METHOD.click_type(), default="minmax", show_default=True,
               help="int8: how activation ranges are chosen from the calibration images.")
-@click.option("--max-drop", type=float, default=DEFAULT_MAX_DROP, show_default=True,
+@click.option("--max-drop", type=params.MAX_DROP.click_type(), default=DEFAULT_MAX_DROP, show_default=True,
               help="fp16/int8: refuse to write the file if accuracy drops more than this many points below fp32.")
 @click.option("--force", is_flag=True, help="fp16/int8: write the file even when accuracy drops more than --max-drop.")
 def export(model_spec, fmt, precision, out, dynamic_batch, opset, check_data, calibration, calibration_images,
            calibration_method, max_drop, force):
     """Export a finetuned classifier to ONNX or TorchScript, plus a JSON with class names and preprocessing;
     fails unless the export reproduces torch's logits within 1e-3 (fp32) or keeps its accuracy (fp16/int8)."""
-    from transferkit.use.export import PrecisionDropError, sidecar_path
+    from transferkit.use.export import PrecisionDropError
     from transferkit.use.export import export as run_export
 
     try:
-        path = run_export(model_spec, format=fmt, out=out, dynamic_batch=dynamic_batch, opset=opset,
-                          check_images=list(check_data) or None, precision=precision, calibration=calibration,
-                          calibration_images=calibration_images, calibration_method=calibration_method,
-                          max_drop=max_drop, force=force)
+        exported = run_export(model_spec, format=fmt, out=out, dynamic_batch=dynamic_batch, opset=opset,
+                              check_images=list(check_data) or None, precision=precision, calibration=calibration,
+                              calibration_images=calibration_images, calibration_method=calibration_method,
+                              max_drop=max_drop, force=force)
     except PrecisionDropError as exc:
         click.echo("\n".join(exc.report.lines()))
         raise
-    info = json.loads(sidecar_path(path).read_text())
-    parity = info["parity"]
+    info, parity = exported.info, exported.info["parity"]
     runtime = "onnxruntime" if fmt == "onnx" else "torch.jit"
     graph = "" if precision == "fp32" else "fp32 graph, "
     click.echo(f"parity check ({graph}{runtime} vs torch, {parity['images']} {parity['source']}): "
                f"max |logit difference| {parity['max_abs_diff']:.2e} <= {parity['tolerance']:g}  ok")
-    if info["precision_check"]:
-        report = PrecisionReport(**{k: v for k, v in info["precision_check"].items() if k not in ("drop", "forced")})
-        click.echo("\n".join(report.lines()))
+    if exported.precision_report is not None:
+        click.echo("\n".join(exported.precision_report.lines()))
         if info["precision_check"]["forced"]:
             click.echo(f"warning: accuracy dropped more than --max-drop {max_drop:g}; written because of --force", err=True)
     if info["calibration"]:
         click.echo(f"int8 calibrated on {info['calibration']['images']} images from {info['calibration']['source']}")
-    click.echo(f"wrote {path} and {sidecar_path(path).name} (class names, preprocessing)")
+    click.echo(f"wrote {exported.path} and {exported.sidecar.name} (class names, preprocessing)")
 
 
 @main.command()
 @model_option
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the overlay PNGs.")
-@click.option("--method", type=click.Choice(CAM_METHODS), default="gradcam", show_default=True)
+@click.option("--method", type=params.CAM_METHOD.click_type(), default="gradcam", show_default=True)
 @click.option("--target-layer", default=None, help="Dotted module name (e.g. layer4.1); default: chosen per model family.")
 @click.option("--class", "class_name", default=None, help="Explain this class instead of each image's prediction.")
 @click.option("--device", default="auto", show_default=True)
@@ -194,9 +192,9 @@ def explain(model_spec, images, out, method, target_layer, class_name, device):
 @model_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback exposes the model to the network (a warning says so).")
-@click.option("--port", default=8000, show_default=True, type=int, help="Port (0: any free port).")
-@click.option("--topk", default=5, show_default=True, type=int, help="Classes shown per image.")
-@click.option("--max-upload-mb", default=10.0, show_default=True, type=float, help="Largest accepted upload.")
+@click.option("--port", default=8000, show_default=True, type=params.PORT.click_type(), help="Port (0: any free port).")
+@click.option("--topk", default=5, show_default=True, type=params.TOPK.click_type(), help="Classes shown per image.")
+@click.option("--max-upload-mb", default=10.0, show_default=True, type=params.MAX_UPLOAD_MB.click_type(), help="Largest accepted upload.")
 @click.option("--device", default="auto", show_default=True)
 def serve(model_spec, host, port, topk, max_upload_mb, device):
     """A web page to try a model: drop an image, see its top classes and a Grad-CAM overlay (JSON API at

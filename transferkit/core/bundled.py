@@ -1,7 +1,8 @@
-"""Files shipped inside the package: recipes, augmentation presets and sweep files (``transferkit/recipes/``).
+"""Files shipped with the package: recipes, augmentation presets and sweep files (top-level ``recipes/``).
 
-They are read with :mod:`importlib.resources`, so a name such as ``--recipe quick-cpu`` or ``--aug light`` works
-the same from a checkout, an editable install, a wheel or a ``pip install --user``.
+setup.cfg installs ``recipes/`` as the subpackage ``transferkit.recipes`` and :mod:`importlib.resources` reads it,
+so a name such as ``--recipe quick-cpu`` or ``--aug light`` works the same from an editable install, a wheel or a
+``pip install --user``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ YAML_SUFFIXES = (".yaml", ".yml")
 
 
 def bundled_folder(kind: str) -> Traversable:
-    """``recipes`` (training recipes), ``recipes/augment`` (presets) or ``recipes/sweeps``."""
-    return files("transferkit").joinpath(*kind.split("/"))
+    """``recipes`` (training recipes), ``recipes/augment`` (presets) or ``recipes/sweeps``: a folder of the
+    subpackage ``transferkit.recipes``, which lives outside ``transferkit/`` in the source tree."""
+    package, _, folder = kind.partition("/")
+    root = files(f"transferkit.{package}")
+    return root.joinpath(folder) if folder else root
 
 
 def bundled_names(kind: str) -> list[str]:

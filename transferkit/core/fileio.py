@@ -12,10 +12,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from transferkit.errors import TransferkitError
+
+ROW_FILE_SUFFIXES = (".csv", ".json", ".parquet")
 
 
 @contextlib.contextmanager
@@ -85,6 +87,26 @@ def _umask() -> int:
 def write_json(target: str | os.PathLike, data) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_rows(rows: Sequence[dict], out: str | os.PathLike) -> Path:
+    """Rows to .csv / .json / .parquet (:data:`ROW_FILE_SUFFIXES`) by the name's suffix, atomically."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix == ".json":
+        write_json(out, list(rows))
+        return out
+    if suffix not in ROW_FILE_SUFFIXES:
+        raise TransferkitError(f"cannot write {out}: use one of {', '.join(ROW_FILE_SUFFIXES)}")
+    import pandas as pd
+
+    frame = pd.DataFrame(list(rows))
+    with atomic_path(out) as tmp:
+        if suffix == ".csv":
+            frame.to_csv(tmp, index=False)
+        else:
+            frame.to_parquet(tmp, index=False)
+    return out
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:

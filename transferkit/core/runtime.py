@@ -48,12 +48,16 @@ def autocast(device: torch.device, enabled: bool = True):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Move to ``device``; channels_last on GPU, where convolutions run faster in NHWC."""
+def prepare_model(model: torch.nn.Module, device: torch.device, *, benchmark: bool = False) -> torch.nn.Module:
+    """Move to ``device``; channels_last on GPU, where convolutions run faster in NHWC.
+
+    ``benchmark`` turns on cuDNN's autotuner: faster convolutions for fixed input shapes, but it picks kernels
+    by timing them, so a seeded run no longer repeats exactly. Off by default, keeping seeded runs deterministic.
+    """
     model = model.to(device)
+    torch.backends.cudnn.benchmark = benchmark
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
     return model
 
 

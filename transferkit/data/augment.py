@@ -26,7 +26,7 @@ PLACEHOLDER_SIZE = [224, 224]  # replaced by the backbone's input size in retarg
 
 
 def preset_path(spec: str | os.PathLike):
-    """A preset name (package data, ``transferkit/recipes/augment/``) or a YAML/JSON path → the file."""
+    """A preset name (package data from the top-level ``recipes/augment/``) or a YAML/JSON path → the file."""
     from transferkit.core.bundled import bundled_folder
 
     if str(spec) in AUG_PRESETS:

@@ -29,7 +29,7 @@ import numpy as np
 import psutil
 from torch.utils.data import get_worker_info
 
-from transferkit.choices import CACHE_MODES, INTERPOLATIONS, check_choice
+from transferkit import params
 from transferkit.core.fileio import atomic_path, ensure_writable_dir
 from transferkit.data.decode import load_image
 from transferkit.errors import TransferkitError
@@ -49,8 +49,8 @@ def build_cache(mode: str, folder: str | os.PathLike | None = None, max_bytes: i
 
     ``interpolation`` should be the backbone's (``data_config['interpolation']``).
     """
-    check_choice("--cache", mode, CACHE_MODES)
-    check_choice("interpolation", interpolation, INTERPOLATIONS)
+    params.CACHE_MODE.check("--cache", mode)
+    params.INTERPOLATION.check("interpolation", interpolation)
     if mode == "memory":
         if max_bytes <= 0:
             raise TransferkitError(f"memory cache max_bytes must be positive, got {max_bytes}")

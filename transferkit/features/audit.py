@@ -19,7 +19,6 @@ moved, deleted or edited.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -96,7 +95,7 @@ def audit(data, backbone: str, *, weights=None, weights_config=None, pretrained:
     next audit while data and weights are unchanged. ``top`` bounds the gallery, not the report.
     """
     from transferkit.data import discover
-    from transferkit.features.extract import read_features
+    from transferkit.features.feature_file import read_features
     from transferkit.features.neighbours import thumbnail_signatures
 
     for name, value in (("threshold", threshold), ("pixel threshold", pixel_threshold)):
@@ -140,8 +139,9 @@ def audit(data, backbone: str, *, weights=None, weights_config=None, pretrained:
 def check_features_match(path, index, backbone: str, *, weights=None, weights_config=None,
                          pretrained: bool = True) -> None:
     """Refuse a features file made from other weights, another backbone or other data than this audit's."""
-    from transferkit.features.extract import build_feature_model, read_metadata
+    from transferkit.features.feature_file import feature_identity_mismatch, read_metadata
     from transferkit.models.backbones import backbone_identity
+    from transferkit.models.embedding import build_feature_model
 
     metadata = read_metadata(path)
     model, preprocessing = build_feature_model(backbone, weights=weights, weights_config=weights_config,
@@ -149,7 +149,7 @@ def check_features_match(path, index, backbone: str, *, weights=None, weights_co
     identity = backbone_identity(model)
     expected = {"backbone": identity["backbone"], "weights": identity["weights"],
                 "model_kwargs": identity["model_kwargs"], **preprocessing.to_metadata()}
-    differ = [key for key, value in expected.items() if not _json_equal(metadata.get(key), value)]
+    differ = feature_identity_mismatch(metadata, expected)
     if identity["weights"] == "random-init":
         differ.append("weights (random-init: two random backbones are never the same)")
     if differ:
@@ -160,11 +160,6 @@ def check_features_match(path, index, backbone: str, *, weights=None, weights_co
     if dataset.get("fingerprint") != index.fingerprint() or metadata.get("split") != "all":
         raise TransferkitError(f"features file {path} was made from other data (or another split, val ratio, seed) "
                                f"than {index.root}; drop --features to extract afresh, or re-run `transferkit extract`")
-
-
-def _json_equal(stored, value) -> bool:
-    """``value`` as it would read back from a features file's JSON metadata (tuples as lists) equals ``stored``."""
-    return json.dumps(stored, sort_keys=True) == json.dumps(json.loads(json.dumps(value)), sort_keys=True)
 
 
 def analyse_features(table, metadata, index, *, signatures: np.ndarray | None = None,
@@ -326,19 +321,16 @@ def _check_clean_target(target) -> Path:
 
 def _track(report: AuditReport, index, out: Path, *, tracking_uri, experiment) -> str:
     """One MLflow run (its id is returned): counts as metrics, the report and PNGs as artifacts, the dataset."""
-    from transferkit.tracking.runs import default_experiment_name, default_run_name, run_tags, start_run
-    from transferkit.tracking.summary import run_description
+    from transferkit.tracking.tracker import open_run
 
     params = {"backbone": report.backbone, "weights": report.weights, "threshold": report.threshold,
               "pixel_threshold": report.pixel_threshold,
               "images": report.images, **{f"label_check.{k}": v for k, v in report.label_check.items()
                                           if k != "out_of_fold_accuracy"}}
-    with start_run("data audit", tracking_uri=tracking_uri,
-                   experiment=experiment or default_experiment_name(report.dataset),
-                   run_name=default_run_name(report.backbone, "audit"), params=params, system_metrics=False,
-                   tags=run_tags(backbone=report.backbone, strategy="audit",
-                                 dataset_fingerprint=report.fingerprint)) as tracker:
-        tracker.log_dataset(index, context="audit")
+    with open_run("data audit", data=report.dataset, backbone=report.backbone, strategy="audit",
+                  dataset_fingerprint=report.fingerprint, params=params, tracking_uri=tracking_uri,
+                  experiment=experiment) as tracker:
+        tracker.log_dataset(index, report.fingerprint, context="audit")
         tracker.log_metrics({**report.summary, **report.timings,
                              "out_of_fold_accuracy": report.label_check.get("out_of_fold_accuracy")})
         for name in ("report.json", "embedding_map.png", "gallery.png"):
@@ -346,9 +338,9 @@ def _track(report: AuditReport, index, out: Path, *, tracking_uri, experiment) -
                 tracker.log_artifact(out / name, "audit")
         if report.files.get("clean_csv"):
             tracker.log_artifact(report.files["clean_csv"], "audit")
-        tracker.set_description(run_description(
+        tracker.describe(
             f"data audit of {Path(report.dataset).name} with {report.backbone}",
             [f"data: `{report.dataset}`: {report.images} images, {len(report.classes)} classes",
              "details: artifacts `audit/report.json`, `audit/gallery.png`, `audit/embedding_map.png`"],
-            report.summary))
+            report.summary)
     return tracker.run_id

@@ -9,8 +9,9 @@ recommends instead of the deprecated ``SVC(probability=True)`` — so prediction
 calibrated probabilities.
 
 A saved SVM model is a folder: ``model.safetensors``/``model.json`` (the frozen backbone, kind ``svm``,
-with pooling and data config in its metadata) and ``head.skops``. The head is stored with skops, never
-pickle, and loaded with an explicit list of trusted types: a file holding anything else is refused.
+with pooling and data config in its metadata) and ``head.skops``, stored with skops, never pickle; the
+model predicts as :class:`transferkit.models.predictors.SVMPredictor`, whose loader refuses any type a head
+is not made of (:mod:`transferkit.models.svm_head`).
 """
 
 from __future__ import annotations
@@ -21,23 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from transferkit.choices import HEAD_MODELS, check_choice
 from transferkit.core.fileio import atomic_path, ensure_writable_dir, write_json
 from transferkit.errors import TransferkitError
-from transferkit.features.extract import (
+from transferkit.features.feature_file import (
     FeatureTable,
-    build_feature_model,
     check_same_features,
-    embed,
     feature_identity,
     read_features,
-    resolve_layer,
 )
-from transferkit.models.predictors import Predictor
+from transferkit.models.embedding import build_feature_model
 from transferkit.models.preprocessing import Preprocessing
 from transferkit.models.saved_model import checkpoint_metadata, save_checkpoint
+from transferkit.models.svm_head import HEAD_FILE, head_probabilities
+from transferkit.params import CV_FOLDS, HEAD_MODEL
 
 DEFAULT_GRIDS = {
     "linear-svm": {"C": [0.01, 0.1, 1.0]},
@@ -47,22 +45,9 @@ DEFAULT_GRIDS = {
 # Fits inside the search stop at this tolerance (scikit-learn's default for liblinear/lbfgs is 1e-4): it ranks
 # the candidates alike in about half the iterations; the one final fit keeps the estimator's own tolerance.
 SEARCH_TOL = 1e-3
-HEAD_FILE = "head.skops"
 MODEL_STEM = "model"
 EVAL_SPLITS = ("val", "test")
 CALIBRATION_FOLDS = 5
-# Every scikit-learn type a head pipeline transferkit writes is made of; a file holding any other is refused,
-# even one skops trusts by default (a DummyClassifier would answer every image with one class).
-TRUSTED_TYPES = [
-    "sklearn.pipeline.Pipeline",
-    "sklearn.preprocessing._data.StandardScaler",
-    "sklearn.svm._classes.LinearSVC",
-    "sklearn.svm._classes.SVC",
-    "sklearn.linear_model._logistic.LogisticRegression",
-    "sklearn.calibration.CalibratedClassifierCV",
-    "sklearn.calibration._CalibratedClassifier",
-    "sklearn.calibration._SigmoidCalibration",
-]
 
 
 @dataclass
@@ -76,6 +61,8 @@ class HeadResult:
     cv_accuracy: float
     metrics: dict = field(default_factory=dict)
     out: Path | None = None
+    mlflow_run_id: str | None = None  # set when the model was logged to MLflow
+    model_uri: str | None = None
 
 
 def parse_grid(text: str | None, model: str) -> dict[str, list]:
@@ -108,7 +95,7 @@ def make_estimator(model: str, **params):
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import SVC, LinearSVC
 
-    check_choice("head model", model, HEAD_MODELS)
+    HEAD_MODEL.check("head model", model)
     if model == "linear-svm":
         # the primal solver converges in a few Newton steps at any C; the dual one needs thousands of
         # passes at C >= 1 when images are near-duplicates (video frames), 100x slower
@@ -133,8 +120,7 @@ def fit_head(features, model: str = "logistic", *, cv: int = 5, grid: str | Mapp
 
     table, metadata = read_features(features) if isinstance(features, (str, os.PathLike)) else features
     grid = parse_grid(grid, model) if not isinstance(grid, Mapping) else dict(grid)
-    if int(cv) < 2:
-        raise TransferkitError(f"--cv must be at least 2, got {cv}")
+    CV_FOLDS.check("cv", cv)
     class_names = metadata["class_names"]
     train = table.subset("train")
     smallest = _smallest_class_count(train, class_names)
@@ -235,13 +221,6 @@ def _final_estimator(model: str, best: Mapping, smallest_class: int, n_jobs: int
     return estimator
 
 
-def head_probabilities(pipeline, vectors: np.ndarray, num_classes: int) -> np.ndarray:
-    """``[N, num_classes]`` probabilities, columns in class-index order even if training lacked a class."""
-    probs = np.zeros((len(vectors), num_classes), dtype=np.float64)
-    probs[:, pipeline.classes_] = pipeline.predict_proba(vectors)
-    return probs
-
-
 def _metrics(pipeline, rows: FeatureTable, class_names) -> dict:
     from transferkit.reports.metrics import classification_metrics
 
@@ -285,97 +264,13 @@ def save_head_model(out, result: HeadResult, feature_metadata: Mapping, *, weigh
     return out
 
 
-def load_head(path: str | os.PathLike, metadata: Mapping | None = None):
-    """A head pipeline saved by transferkit, checked against the model's ``metadata`` when given.
-
-    Refused: a file that is not a skops archive; any type outside :data:`TRUSTED_TYPES` and skops' own
-    numpy/builtin types (checked on the file's schema before anything is built); a pipeline whose
-    classes or input width differ from the class names and feature width in the model's metadata.
-    """
-    import skops.io
-
-    try:
-        outside = (_head_types(path) | set(skops.io.get_untrusted_types(file=path))) - set(TRUSTED_TYPES)
-        if outside:
-            raise TransferkitError(f"{path} holds types transferkit does not write ({', '.join(sorted(outside))}); "
-                                   "refusing to load it: re-create the model with `transferkit svm`")
-        head = skops.io.load(path, trusted=TRUSTED_TYPES)
-    except TransferkitError:
-        raise
-    except Exception as exc:  # skops reports damaged archives as whatever zip/json/numpy raised
-        raise TransferkitError(f"cannot read SVM head {path} ({type(exc).__name__}: {exc}); the file is damaged "
-                               "or not a transferkit head: copy the model folder again") from exc
-    if metadata is not None:
-        _check_head_fits(head, metadata, path)
-    return head
-
-
-def _head_types(path) -> set[str]:
-    """``module.Class`` of every scikit-learn object the skops archive would build, read from its schema."""
-    import json
-    import zipfile
-
-    with zipfile.ZipFile(path) as archive:
-        schema = json.loads(archive.read("schema.json"))
-    found, stack = set(), [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if str(node.get("__module__", "")).startswith("sklearn"):
-                found.add(f"{node['__module__']}.{node['__class__']}")
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return found
-
-
-def _check_head_fits(head, metadata: Mapping, path) -> None:
-    classes = [int(c) for c in getattr(head, "classes_", [])]
-    width = getattr(head, "n_features_in_", None)
-    expected = len(metadata["class_names"])
-    if not classes or not set(classes) <= set(range(expected)):
-        raise TransferkitError(f"{path} predicts classes {classes}, but the model has {expected} classes "
-                               f"({', '.join(metadata['class_names'])}); the head belongs to another model")
-    if width != metadata.get("feature_dim"):
-        raise TransferkitError(f"{path} takes {width} features, but the backbone gives {metadata.get('feature_dim')}; "
-                               "the head belongs to another model")
-
-
-class SVMPredictor(Predictor):
-    """Images → frozen backbone → pooled vector → scikit-learn head."""
-
-    def __init__(self, model: torch.nn.Module, head, metadata: Mapping, device: torch.device):
-        from transferkit.core.runtime import prepare_model
-
-        super().__init__(metadata, device)
-        self.model = prepare_model(model, device).eval()
-        self.head = head
-        self.layer_index = resolve_layer(self.model, metadata.get("layer"))
-
-    @torch.inference_mode()
-    def predict_proba_tensor(self, batch: torch.Tensor) -> np.ndarray:
-        from transferkit.core.runtime import autocast, to_device
-
-        with autocast(self.device):
-            vectors = embed(self.model, to_device(batch, self.device), pool=self.metadata["pool"],
-                            layer=self.layer_index, tta=self.metadata.get("tta", "none"))
-        return head_probabilities(self.head, vectors.float().cpu().numpy(), len(self.class_names))
-
-    def predict_proba_features(self, features) -> np.ndarray:
-        """Probabilities for the rows of a features file; refused if another model made the vectors."""
-        is_file = isinstance(features, (str, os.PathLike))
-        table, metadata = read_features(features) if is_file else features
-        check_same_features(self.metadata["features"], metadata, str(features) if is_file else "the features")
-        return head_probabilities(self.head, table.vectors, len(self.class_names))
-
-
-def load_svm_predictor(path: Path, metadata: Mapping, device: torch.device) -> SVMPredictor:
-    """bundle.load_predictor's loader for kind ``svm``."""
-    head_path = Path(path).with_name(metadata["head_file"])
-    if not head_path.is_file():
-        raise TransferkitError(f"SVM model {path} lacks its head {head_path.name}; copy the whole model folder")
-    model, _ = build_feature_model(metadata["backbone"], weights=path, **metadata.get("model_kwargs", {}))
-    return SVMPredictor(model, load_head(head_path, metadata), metadata, device)
+def predict_proba_features(predictor, features) -> np.ndarray:
+    """An SVM model's probabilities for the rows of a features file (or ``(FeatureTable, metadata)``), without
+    the backbone; refused if another model made the vectors."""
+    is_file = isinstance(features, (str, os.PathLike))
+    table, metadata = read_features(features) if is_file else features
+    check_same_features(predictor.metadata["features"], metadata, str(features) if is_file else "the features")
+    return head_probabilities(predictor.head, table.vectors, len(predictor.class_names))
 
 
 def _number_or_text(value: str):

@@ -1,18 +1,12 @@
-"""Frozen-backbone features: one forward loop shared by `extract`, the SVM model and the linear probe.
+"""Frozen-backbone features: one feature loop shared by `extract`, `svm`, `data audit` and the linear probe.
 
-A feature vector is the backbone's pre-logits output (timm's ``forward_features`` + ``forward_head(
-pre_logits=True)``), or timm's global pooling of ``forward_features`` / of an intermediate feature map
-(``forward_intermediates``) when another pooling or ``layer`` is asked for; ``tta='hflip'`` averages it
-with the mirrored image's. :func:`extract_features` streams the vectors of a whole dataset to parquet or
+A feature vector is :func:`transferkit.models.embedding.embed` of an image. :func:`extract_features` streams the vectors of a whole dataset to parquet or
 npz in chunks, so memory stays flat as the dataset grows, and shards the images across ranks under torchrun.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,86 +14,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from transferkit import __version__
-from transferkit.choices import (
-    FEATURE_DTYPES,
-    FEATURE_SPLITS,
-    FEATURE_TTA_MODES,
-    POOLS,
-    RESIZE_MODES,
-    check_choice,
-)
+from transferkit import params
 from transferkit.core.fileio import atomic_path
 from transferkit.errors import TransferkitError
+from transferkit.features.feature_file import FORMAT, SUFFIXES, feature_writer, is_up_to_date
+from transferkit.models.embedding import build_feature_model, check_pool, embed, feature_dim, resolve_layer
+from transferkit.version import __version__
 
 if TYPE_CHECKING:
     import torch
 
     from transferkit.models.preprocessing import Preprocessing
 
-FORMAT = "transferkit-features"
-SUFFIXES = (".parquet", ".npz")
-METADATA_KEY = "transferkit"
 CHUNK_ROWS = 1024
-# What makes two sets of vectors comparable: a model trained on one can score the other.
-IDENTITY_KEYS = ("backbone", "model_kwargs", "weights", "preprocessing", "pool", "layer", "tta", "feature_dim")
 
 
-# --------------------------------------------------------------------------- the forward pass
-
-
-def embed(model: torch.nn.Module, batch: torch.Tensor, *, pool: str | None = None, layer: int | None = None,
-          tta: str = "none") -> torch.Tensor:
-    """``[B, D]`` vectors for a preprocessed batch; ``layer`` is an index into ``model.feature_info``."""
-    vectors = _pooled(model, batch, pool, layer)
-    if tta == "hflip":
-        vectors = (vectors + _pooled(model, batch.flip(-1), pool, layer)) / 2
-    return vectors
-
-
-def _pooled(model, batch, pool, layer):
-    if layer is not None:
-        (feature_map,) = model.forward_intermediates(batch, indices=[layer], intermediates_only=True, stop_early=True)
-        return _global_pool(model, feature_map, pool or "avg")
-    features = model.forward_features(batch)
-    if pool is None or pool == own_pool(model):
-        return model.forward_head(features, pre_logits=True)
-    return _global_pool(model, features, pool)
-
-
-def _global_pool(model, features: torch.Tensor, pool: str) -> torch.Tensor:
-    """timm's own pooling: SelectAdaptivePool2d for NCHW maps, global_pool_nlc for token sequences."""
-    from timm.layers import SelectAdaptivePool2d
-    from timm.models.vision_transformer import global_pool_nlc
-
-    if features.dim() == 3:
-        return global_pool_nlc(features, pool_type=pool, num_prefix_tokens=getattr(model, "num_prefix_tokens", 0))
-    return SelectAdaptivePool2d(pool_type=pool, flatten=True)(features)
-
-
-def own_pool(model: torch.nn.Module) -> str | None:
-    """The pooling the model's head uses (``avg`` for CNNs, ``token`` for most ViTs)."""
-    pool = getattr(model, "global_pool", None) or getattr(getattr(model, "head", None), "global_pool", None)
-    return pool if isinstance(pool, str) else getattr(pool, "pool_type", None)
-
-
-def resolve_layer(model: torch.nn.Module, layer: str | int | None) -> int | None:
-    """A feature_info module name (``blocks.3``) or index → the index forward_intermediates takes."""
-    if layer is None:
-        return None
-    names = [info["module"] for info in getattr(model, "feature_info", [])]
-    if str(layer) in names:
-        return names.index(str(layer))
-    if str(layer).lstrip("-").isdigit() and -len(names) <= int(layer) < len(names):
-        return int(layer) % len(names)
-    raise TransferkitError(f"unknown layer {layer!r} for this backbone; use one of {', '.join(names) or '(none)'}")
-
-
-def check_pool(model: torch.nn.Module, pool: str | None, layer: int | None) -> None:
-    if pool is not None:
-        check_choice("pool", pool, POOLS)
-    if pool == "token" and (layer is not None or not getattr(model, "num_prefix_tokens", 0)):
-        raise TransferkitError("pool 'token' needs a backbone with a class token (a ViT) and no --layer; use avg")
+# --------------------------------------------------------------------------- the feature loop
 
 
 def iter_features(model: torch.nn.Module, loader: Iterable, device: torch.device, *, amp: bool = True,
@@ -138,29 +68,6 @@ def compute_features(model: torch.nn.Module, loader: Iterable, device: torch.dev
     return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
 
 
-def feature_dim(model: torch.nn.Module, pool: str | None, layer: int | None, tta: str = "none") -> int:
-    """Vector length, found by one forward of a blank image (cheap, and right for every timm family)."""
-    import torch
-
-    _, height, width = model.pretrained_cfg.get("input_size", (3, 224, 224))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        dim = embed(model, torch.zeros(1, 3, height, width, device=device), pool=pool, layer=layer, tta=tta).shape[1]
-    model.train(was_training)
-    return int(dim)
-
-
-def build_feature_model(backbone: str, *, weights=None, weights_config=None, pretrained: bool = True,
-                        data_overrides: Mapping | None = None, resize_mode: str | None = None, **model_kwargs):
-    """The backbone without classifier (``num_classes=0``) and its :class:`Preprocessing`."""
-    from transferkit.models.backbones import load_backbone
-
-    return load_backbone(backbone, weights=weights, num_classes=0, pretrained=pretrained, weights_config=weights_config,
-                         data_overrides=data_overrides, resize_mode=resize_mode, **model_kwargs)
-
-
 # --------------------------------------------------------------------------- extract to a file
 
 
@@ -183,8 +90,8 @@ def extract_features(backbone: str, data, out, *, weights=None, weights_config=N
     from transferkit.data import discover
 
     out = Path(out)
-    _check_choices(out=out, split=split, pool=pool, tta=tta, dtype=dtype, batch_size=batch_size,
-                   chunk_rows=chunk_rows, resize_mode=resize_mode)
+    _check_params(out, split=split, pool=pool, tta=tta, dtype=dtype, batch_size=batch_size, chunk_rows=chunk_rows,
+                  resize_mode=resize_mode, workers=workers, val_ratio=val_ratio, seed=seed)
     index = discover(data, val_ratio=val_ratio, seed=seed)
     samples = index.samples if split == "all" else index.split(split)
     if not samples:
@@ -207,8 +114,7 @@ def extract_features(backbone: str, data, out, *, weights=None, weights_config=N
         stream = _merged_batches(model, loader_factory, torch_device, dim, pool=pool, layer=layer_index, tta=tta)
         if distributed.is_main():
             with atomic_path(out) as tmp:
-                sink = (_ParquetSink if out.suffix == ".parquet" else _NpzSink)(tmp, metadata, rows, chunk_rows)
-                with sink:
+                with feature_writer(tmp, out.suffix, metadata, rows, chunk_rows) as sink:
                     for vectors in stream:
                         sink.add(vectors)
         else:
@@ -280,200 +186,15 @@ def _metadata(model, preprocessing, index, *, weights, split, pool, layer, tta, 
     }
 
 
-def _check_choices(*, out: Path, split, pool, tta, dtype, batch_size, chunk_rows, resize_mode) -> None:
+_PARAMETER_CONSTRAINTS = {
+    "split": params.FEATURE_SPLIT, "pool": params.POOL, "tta": params.FEATURE_TTA, "dtype": params.FEATURE_DTYPE,
+    "batch_size": params.BATCH_SIZE, "chunk_rows": params.Interval(int, 1, None), "resize_mode": params.RESIZE_MODE,
+    "workers": params.WORKERS.allowing(None), "val_ratio": params.VAL_RATIO, "seed": params.SEED,
+}
+
+
+def _check_params(out: Path, **values) -> None:
+    """Every argument before minutes of extraction, with the messages the CLI flags give."""
     if out.suffix not in SUFFIXES:
         raise TransferkitError(f"--out {out} must end in .parquet or .npz")
-    for name, value, allowed in (("split", split, FEATURE_SPLITS), ("pool", pool, POOLS), ("tta", tta, FEATURE_TTA_MODES),
-                                 ("dtype", dtype, FEATURE_DTYPES), ("resize mode", resize_mode, RESIZE_MODES)):
-        if value is not None or name != "resize mode":  # no resize mode: the backbone's own
-            check_choice(name, value, allowed)
-    for name, value in (("batch size", batch_size), ("chunk rows", chunk_rows)):
-        if int(value) < 1:
-            raise TransferkitError(f"{name} must be at least 1, got {value}")
-
-
-def is_up_to_date(out: Path, metadata: Mapping) -> bool:
-    """True when ``out`` exists and was written from the same inputs (its metadata equals ``metadata``)."""
-    if not out.is_file() or metadata["weights"] == "random-init":
-        return False
-    try:
-        existing = read_metadata(out)
-    except TransferkitError:
-        return False
-    return existing == json.loads(json.dumps(metadata))
-
-
-# --------------------------------------------------------------------------- file formats
-
-
-class _Sink:
-    """Buffers vectors to ``chunk_rows`` and hands each chunk, with its rows, to ``_write``."""
-
-    def __init__(self, path: Path, metadata: Mapping, rows: list[tuple], chunk_rows: int):
-        self.path, self.metadata, self.rows, self.chunk_rows = path, dict(metadata), rows, chunk_rows
-        self.dtype = np.dtype(metadata["dtype"])
-        self.written = 0
-        self.buffer: list[np.ndarray] = []
-
-    def add(self, vectors: np.ndarray) -> None:
-        self.buffer.append(vectors)
-        if sum(len(b) for b in self.buffer) >= self.chunk_rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.buffer:
-            vectors = np.concatenate(self.buffer).astype(self.dtype, copy=False)
-            self.buffer = []
-            self._write(self.rows[self.written:self.written + len(vectors)], vectors)
-            self.written += len(vectors)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self._flush()
-            if self.written != len(self.rows):
-                raise RuntimeError(f"wrote {self.written} feature rows for {len(self.rows)} images")
-        self._close()
-
-    def _write(self, rows: list[tuple], vectors: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def _close(self) -> None:
-        raise NotImplementedError
-
-
-class _ParquetSink(_Sink):
-    """One parquet row group per chunk; the metadata JSON lives in the schema metadata."""
-
-    def __init__(self, *args):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        super().__init__(*args)
-        self.schema = pa.schema(
-            [("path", pa.string()), ("label", pa.string()), ("label_index", pa.int32()), ("split", pa.string()),
-             ("features", pa.list_(pa.from_numpy_dtype(self.dtype), self.metadata["feature_dim"]))],
-            metadata={METADATA_KEY: json.dumps(self.metadata)},
-        )
-        self.writer = pq.ParquetWriter(self.path, self.schema)
-
-    def _write(self, rows, vectors):
-        import pyarrow as pa
-
-        paths, labels, label_index, splits = zip(*rows)
-        features = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
-        table = pa.Table.from_arrays([pa.array(paths), pa.array(labels), pa.array(label_index, pa.int32()),
-                                      pa.array(splits), features], schema=self.schema)
-        self.writer.write_table(table, row_group_size=len(rows))
-
-    def _close(self):
-        self.writer.close()
-
-
-class _NpzSink(_Sink):
-    """A plain ``np.savez`` layout, but ``features.npy`` is streamed into the zip entry chunk by chunk."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.zip = zipfile.ZipFile(self.path, "w", allowZip64=True)
-        self.entry = self.zip.open("features.npy", "w", force_zip64=True)
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                  "shape": (len(self.rows), self.metadata["feature_dim"])}
-        np.lib.format.write_array_header_2_0(self.entry, header)
-
-    def _write(self, rows, vectors):
-        self.entry.write(np.ascontiguousarray(vectors).tobytes())
-
-    def _close(self):
-        self.entry.close()
-        paths, labels, label_index, splits = zip(*self.rows) if self.rows else ((),) * 4
-        arrays = {"path": np.array(paths, dtype=str), "label": np.array(labels, dtype=str),
-                  "label_index": np.array(label_index, dtype=np.int32), "split": np.array(splits, dtype=str),
-                  "metadata": np.array(json.dumps(self.metadata))}
-        for name, array in arrays.items():
-            with self.zip.open(f"{name}.npy", "w", force_zip64=True) as fh:
-                np.lib.format.write_array(fh, array, allow_pickle=False)
-        self.zip.close()
-
-
-@dataclass
-class FeatureTable:
-    """Rows of a features file: relative paths, class names and indices, splits and the ``[N, D]`` vectors."""
-
-    paths: np.ndarray
-    labels: np.ndarray
-    label_index: np.ndarray
-    splits: np.ndarray
-    vectors: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def subset(self, split: str) -> FeatureTable:
-        keep = self.splits == split
-        return FeatureTable(self.paths[keep], self.labels[keep], self.label_index[keep], self.splits[keep],
-                            self.vectors[keep])
-
-
-def read_features(path: str | os.PathLike) -> tuple[FeatureTable, dict]:
-    """``(table, metadata)`` of a file written by :func:`extract_features`; vectors as float32."""
-    path = Path(path)
-    metadata = read_metadata(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        features = table.column("features").combine_chunks()
-        vectors = features.flatten().to_numpy(zero_copy_only=False).reshape(len(table), -1)
-        columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in ("path", "label", "split")}
-        label_index = table.column("label_index").to_numpy()
-    else:
-        with np.load(path, allow_pickle=False) as npz:
-            vectors, label_index = npz["features"], npz["label_index"]
-            columns = {name: npz[name] for name in ("path", "label", "split")}
-    vectors = vectors.reshape(len(label_index), metadata["feature_dim"]).astype(np.float32, copy=False)
-    table = FeatureTable(columns["path"].astype(str), columns["label"].astype(str), label_index.astype(np.int64),
-                         columns["split"].astype(str), vectors)
-    return table, metadata
-
-
-def read_metadata(path: str | os.PathLike) -> dict:
-    """Only the metadata (cheap: no vectors are read)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TransferkitError(f"features file {path} does not exist; create it with `transferkit extract`")
-    try:
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY.encode())
-        elif path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                raw = str(npz["metadata"]) if "metadata" in npz.files else None
-        else:
-            raise TransferkitError(f"{path} is not a features file; expected .parquet or .npz from `transferkit extract`")
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise TransferkitError(f"cannot read features file {path}: {exc}") from exc
-    metadata = json.loads(raw) if raw else {}
-    if metadata.get("format") != FORMAT:
-        raise TransferkitError(f"{path} was not written by `transferkit extract` (no transferkit metadata)")
-    return metadata
-
-
-def feature_identity(metadata: Mapping) -> dict:
-    from transferkit.models.preprocessing import Preprocessing
-
-    return {**{key: metadata.get(key) for key in IDENTITY_KEYS}, **Preprocessing.from_metadata(metadata).to_metadata()}
-
-
-def check_same_features(expected: Mapping, found: Mapping, found_name: str) -> None:
-    """Refuse vectors made by another backbone, weights, preprocessing or pooling than ``expected``."""
-    differ = [key for key in IDENTITY_KEYS if json.dumps(expected.get(key)) != json.dumps(found.get(key))]
-    if differ:
-        details = "; ".join(f"{key}: {found.get(key)!r} vs expected {expected.get(key)!r}" for key in differ[:3])
-        raise TransferkitError(
-            f"{found_name} holds features from another model ({details}); re-extract them with this model's "
-            "backbone, weights and pooling"
-        )
+    params.check_params("", _PARAMETER_CONSTRAINTS, values)

@@ -30,7 +30,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from transferkit.choices import FEATURE_TTA_MODES, POOLS, RESIZE_MODES, check_choice
+from transferkit import params
 from transferkit.errors import TransferkitError
 
 
@@ -56,9 +56,13 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.device = device
         self.amp = amp
 
+    _parameter_constraints = {"pool": params.POOL, "tta": params.FEATURE_TTA, "batch_size": params.BATCH_SIZE,
+                              "resize_mode": params.RESIZE_MODE, "pretrained": params.Boolean(),
+                              "amp": params.Boolean()}
+
     def fit(self, X=None, y=None):
         from transferkit.core.runtime import prepare_model, select_device
-        from transferkit.features.extract import build_feature_model, check_pool, feature_dim, resolve_layer
+        from transferkit.models.embedding import build_feature_model, check_pool, feature_dim, resolve_layer
 
         self._check_params()
         self.device_ = select_device(self.device)
@@ -100,11 +104,9 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             yield batch, np.full(len(batch), -1)
 
     def _check_params(self) -> None:
-        for name, allowed in (("pool", POOLS), ("tta", FEATURE_TTA_MODES), ("resize_mode", RESIZE_MODES)):
-            if name != "resize_mode" or self.resize_mode is not None:  # None: the backbone's own
-                check_choice(f"FeatureExtractor {name}", getattr(self, name), allowed)
-        if int(self.batch_size) < 1:
-            raise TransferkitError(f"FeatureExtractor batch_size={self.batch_size}; use at least 1")
+        """scikit-learn's rule: parameters are checked in fit, never in __init__ or set_params."""
+        values = {name: getattr(self, name) for name in self._parameter_constraints}
+        params.check_params("FeatureExtractor", self._parameter_constraints, values)
 
 
 def _as_image_list(X) -> list:

@@ -15,8 +15,11 @@ import torch
 
 from transferkit.errors import TransferkitError
 from transferkit.models.backbones import load_backbone
+from transferkit.models.embedding import build_feature_model, embed, resolve_layer
 from transferkit.models.preprocessing import Preprocessing
 from transferkit.models.saved_model import find_checkpoint, read_checkpoint_metadata
+from transferkit.models.svm_head import head_probabilities, load_head
+from transferkit.tasks import task_of
 
 
 def load_predictor(spec: str | os.PathLike, device: str | torch.device = "cpu") -> Predictor:
@@ -27,9 +30,7 @@ def load_predictor(spec: str | os.PathLike, device: str | torch.device = "cpu") 
     if kind == "classifier":
         return ClassifierPredictor.from_checkpoint(path, metadata, torch.device(device))
     if kind == "svm":
-        from transferkit.features.classical_heads import load_svm_predictor
-
-        return load_svm_predictor(path, metadata, torch.device(device))
+        return SVMPredictor.from_checkpoint(path, metadata, torch.device(device))
     raise TransferkitError(f"{path} has unknown model kind {kind!r}; expected classifier or svm")
 
 
@@ -39,6 +40,7 @@ class Predictor:
     def __init__(self, metadata: Mapping, device: torch.device):
         self.metadata = dict(metadata)
         self.class_names: list[str] = list(metadata["class_names"])
+        self.task = task_of(metadata)  # how probabilities are made and decided
         self.preprocessing = Preprocessing.from_metadata(metadata)
         self.device = device
 
@@ -81,5 +83,36 @@ class ClassifierPredictor(Predictor):
         return self.probabilities(logits).cpu().numpy()
 
     def probabilities(self, logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """Softmax with the model's fitted temperature: every use of this model is calibrated the same way."""
-        return (logits.float() / self.temperature).softmax(dim)
+        """The task's probabilities with the model's fitted temperature: every use of this model is calibrated
+        the same way."""
+        return self.task.probabilities(logits, self.temperature, dim)
+
+
+class SVMPredictor(Predictor):
+    """Images → frozen backbone → pooled vector → scikit-learn head (see :mod:`transferkit.models.svm_head`)."""
+
+    def __init__(self, model: torch.nn.Module, head, metadata: Mapping, device: torch.device):
+        from transferkit.core.runtime import prepare_model
+
+        super().__init__(metadata, device)
+        self.model = prepare_model(model, device).eval()
+        self.head = head
+        self.layer_index = resolve_layer(self.model, metadata.get("layer"))
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, metadata: Mapping, device: torch.device) -> SVMPredictor:
+        """The backbone from the checkpoint, the head from the ``head_file`` beside it."""
+        head_path = Path(path).with_name(metadata["head_file"])
+        if not head_path.is_file():
+            raise TransferkitError(f"SVM model {path} lacks its head {head_path.name}; copy the whole model folder")
+        model, _ = build_feature_model(metadata["backbone"], weights=path, **metadata.get("model_kwargs", {}))
+        return cls(model, load_head(head_path, metadata), metadata, device)
+
+    @torch.inference_mode()
+    def predict_proba_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        from transferkit.core.runtime import autocast, to_device
+
+        with autocast(self.device):
+            vectors = embed(self.model, to_device(batch, self.device), pool=self.metadata["pool"],
+                            layer=self.layer_index, tta=self.metadata.get("tta", "none"))
+        return head_probabilities(self.head, vectors.float().cpu().numpy(), len(self.class_names))

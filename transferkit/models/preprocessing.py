@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from transferkit.choices import INTERPOLATIONS, RESIZE_MODES, check_choice
+from transferkit import params
 from transferkit.errors import TransferkitError
 
 CROP_MODES = {"crop": "center", "squash": "squash", "letterbox": "border"}  # resize mode -> timm crop_mode
@@ -55,7 +55,7 @@ class Preprocessing:
         if own is None:
             raise TransferkitError(f"unknown crop_mode {data_config['crop_mode']!r}; use one of {', '.join(RESIZE_MODE_OF)}")
         mode = own if resize_mode is None else resize_mode
-        check_choice("resize mode", mode, RESIZE_MODES)
+        params.RESIZE_MODE.check("resize mode", mode)
         crop_pct = float(data_config.get("crop_pct") or 1.0)
         if mode != own and mode != "crop":
             crop_pct = 1.0
@@ -65,7 +65,7 @@ class Preprocessing:
         input_size = tuple(int(v) for v in data_config["input_size"])
         if len(input_size) != 3 or min(input_size) < 1:
             raise TransferkitError(f"input_size must be [3, height, width], got {list(input_size)}")
-        check_choice("interpolation", data_config["interpolation"], INTERPOLATIONS)
+        params.INTERPOLATION.check("interpolation", data_config["interpolation"])
         if not 0 < crop_pct <= 1:
             raise TransferkitError(f"crop_pct must be in (0, 1], got {crop_pct}")
         return cls(input_size, str(data_config["interpolation"]), mean, std, crop_pct, CROP_MODES[mode])
@@ -227,9 +227,9 @@ class TTAViews:
     """``f(image) -> Tensor[K, 3, H, W]``: the views test-time augmentation averages over (picklable)."""
 
     def __init__(self, preprocessing: Preprocessing, mode: str = "none"):
-        from transferkit.choices import TTA_MODES, TTA_VIEWS
+        from transferkit.choices import TTA_VIEWS
 
-        check_choice("--tta", mode, TTA_MODES)
+        params.TTA.check("--tta", mode)
         self.mode = mode
         self.views = TTA_VIEWS[mode]
         self.crop_hw = preprocessing.input_hw

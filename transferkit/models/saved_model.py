@@ -8,7 +8,7 @@ mode; see :class:`transferkit.models.preprocessing.Preprocessing`, which also re
 
 - ``classifier``: a finetuned timm model with its own head (``transferkit finetune``).
 - ``svm``: a frozen backbone (``num_classes=0``) + a scikit-learn head stored beside it
-  (``transferkit svm``); loaded by :mod:`transferkit.features.classical_heads`.
+  (``transferkit svm``); loaded by :class:`transferkit.models.predictors.SVMPredictor`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from transferkit import __version__
 from transferkit.core.fileio import atomic_path, write_json
 from transferkit.errors import TransferkitError
+from transferkit.version import __version__
 
 if TYPE_CHECKING:
     from transferkit.models.preprocessing import Preprocessing

@@ -12,6 +12,7 @@ It also fixes the metric names (docs/ui.md, "Metric names"): one name per quanti
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from numbers import Number
 
 import numpy as np
 from sklearn import metrics
@@ -19,15 +20,6 @@ from sklearn import metrics
 from transferkit.errors import TransferkitError
 
 ECE_BINS = 15
-# metrics.csv columns, one row per epoch; MLflow logs them as the series ``epoch/<column>`` (step = epoch)
-EPOCH_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr",
-                 "epoch_seconds", "images_per_s")
-EPOCH_SERIES_PREFIX = "epoch/"
-# The epoch columns that score the saved model: a run's summary is the best checkpoint's values of these,
-# under the same names (plus ``best_epoch``). train_loss/train_accuracy are running averages over the epoch's
-# augmented batches, not a score of the checkpoint (``evaluate --split train`` logs that as train_accuracy).
-CHECKPOINT_COLUMNS = ("val_loss", "val_accuracy", "val_macro_f1")
-HEADLINE_METRIC = "val_accuracy"  # what a reviewer sorts runs by
 PER_CLASS_STATS = ("precision", "recall", "f1")
 _NOT_PREFIXED = ("per_class", "confusion_matrix", "confusion_matrix_normalized")
 
@@ -78,6 +70,11 @@ def split_scores(split: str, metrics: Mapping) -> dict:
     The per-class report and confusion matrices keep their names; the ``split`` key says which split they are.
     """
     return {"split": split, **{key if key in _NOT_PREFIXED else f"{split}_{key}": value for key, value in metrics.items()}}
+
+
+def is_number(value) -> bool:
+    """A real scalar (a metric), not a list, text or complex number."""
+    return isinstance(value, Number) and not isinstance(value, complex)
 
 
 def top_k_accuracy(y_true, probs, k: int) -> float:

@@ -7,17 +7,19 @@ from pathlib import Path
 import pandas as pd
 
 from transferkit.core.fileio import atomic_path
-from transferkit.sweep.study import DIRECTIONS, SKIPPED
+from transferkit.sweep.study import SKIPPED
+from transferkit.tasks import get_task
 
-METRIC_KEYS = ("val_loss", "val_accuracy", "val_macro_f1")
 STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "FAIL": 3}
 
 
-def leaderboard(study, metric: str) -> pd.DataFrame:
+def leaderboard(study, metric: str, task=None) -> pd.DataFrame:
     """One row per trial run (skipped and queued ones left out): finished trials ranked by ``metric`` of their
-    best checkpoint, then running and failed ones with their error."""
+    best checkpoint (in the direction ``task``, single-label by default, says it improves), then running and
+    failed ones with their error."""
     from optuna.trial import TrialState
 
+    task = task or get_task()
     rows = []
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
@@ -25,18 +27,18 @@ def leaderboard(study, metric: str) -> pd.DataFrame:
             continue
         best = attrs.get("best", {})
         rows.append({"trial": trial.number, "state": trial.state.name, **trial.params,
-                     **{key: best.get(key) for key in METRIC_KEYS}, "best_epoch": attrs.get("best_epoch"),
+                     **{key: best.get(key) for key in task.checkpoint_columns}, "best_epoch": attrs.get("best_epoch"),
                      "seconds": attrs.get("seconds"), "params_m": attrs.get("params_m"),
                      "started_at": trial.datetime_start, "finished_at": trial.datetime_complete, "run_dir": attrs.get("run_dir"),
                      "mlflow_run_id": attrs.get("mlflow_run_id"), "worker": attrs.get("worker"),
                      "error": attrs.get("error")})
-    columns = ["rank", "trial", "state", *METRIC_KEYS]
+    columns = ["rank", "trial", "state", *task.checkpoint_columns]
     if not rows:
         return pd.DataFrame(columns=columns)
     table = pd.DataFrame(rows)
     finished = table["state"].isin(["COMPLETE", "PRUNED"]) & table[metric].notna()
     table = table.assign(_order=~finished).sort_values(
-        ["_order", metric, "trial"], ascending=[True, DIRECTIONS[metric] == "minimize", True], kind="stable",
+        ["_order", metric, "trial"], ascending=[True, task.direction(metric) == "minimize", True], kind="stable",
     ).drop(columns="_order").reset_index(drop=True)
     ranked = table["state"].isin(["COMPLETE", "PRUNED"]) & table[metric].notna()
     table.insert(0, "rank", ranked.cumsum().where(ranked).astype("Int64"))

@@ -1,6 +1,6 @@
 """What a sweep searches: the sweep YAML, and a search space over any finetune key, checked before training.
 
-A sweep file (shipped ones: ``transferkit/recipes/sweeps/``, usable by name) is a mapping::
+A sweep file (shipped ones: ``recipes/sweeps/``, usable by name) is a mapping::
 
     backbones: [tf_efficientnet_lite0, mobilenetv2_100]   # ranked in stage 1
     top_k: 2                                              # how many go on to stage 2
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from transferkit.choices import MONITORS
 from transferkit.errors import TransferkitError
-from transferkit.train.config import KEYS, TrainConfig, read_recipe, resolve_config
+from transferkit.train.config import KEYS, read_recipe, resolve_config, value_type
 
 SWEEP_FILE_KEYS = ("backbones", "top_k", "metric", "trials", "fixed", "space")
 # Set by the sweep itself for every trial: searching them makes no sense.
@@ -42,7 +42,7 @@ class Dimension:
 
     @property
     def is_int(self) -> bool:
-        return TrainConfig.__dataclass_fields__[self.key].type.startswith("int")
+        return value_type(self.key) is int
 
     def suggest(self, trial):
         """The value an Optuna trial takes for this key."""

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 from transferkit.errors import TransferkitError
 from transferkit.sweep.space import SearchSpace
+from transferkit.tasks import get_task
+from transferkit.train.callbacks import Callback
 
-DIRECTIONS = {"val_loss": "minimize", "val_accuracy": "maximize", "val_macro_f1": "maximize"}
 HEARTBEAT_SECONDS = 30
 GRID_ATTR = "grid"  # user attr of an enqueued grid point (and study attr: the grid, set once it is enqueued)
 SPACE_ATTR = "space"
@@ -60,8 +61,9 @@ def open_storage(url: str | None):
             time.sleep(1)  # processes started together race to create the tables of a new database: try again
 
 
-def open_study(storage, name: str, metric: str, space: SearchSpace, *, trials: int | None, seed: int):
-    """Create the study ``name`` (enqueuing the grid) or join it; refuses a study started with another space."""
+def open_study(storage, name: str, metric: str, space: SearchSpace, *, trials: int | None, seed: int, task=None):
+    """Create the study ``name`` (enqueuing the grid) or join it; refuses a study started with another space.
+    The study optimises ``metric`` in the direction ``task`` (single-label by default) says it improves."""
     import optuna
 
     sampler = optuna.samplers.TPESampler(seed=seed) if trials else optuna.samplers.RandomSampler(seed=seed)
@@ -70,7 +72,7 @@ def open_study(storage, name: str, metric: str, space: SearchSpace, *, trials: i
     description = json.dumps({"metric": metric, "space": space.describe(), "fixed": space.fixed,
                               "mode": f"tpe:{trials}" if trials else "grid"}, sort_keys=True, default=str)
     try:
-        study = optuna.create_study(storage=storage, study_name=name, direction=DIRECTIONS[metric],
+        study = optuna.create_study(storage=storage, study_name=name, direction=(task or get_task()).direction(metric),
                                     sampler=sampler, pruner=pruner)
         created = True
     except optuna.exceptions.DuplicatedStudyError:
@@ -154,18 +156,11 @@ class TrialRunner:
             raise optuna.TrialPruned("no grid point left")
         params = self.space.suggest(trial)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which process ran it
-        pruned = False
-
-        def report(epoch: int, row: dict) -> bool:
-            nonlocal pruned
-            trial.report(row[self.metric], epoch)
-            pruned = trial.should_prune()
-            return pruned
-
+        pruning = PruneTrial(trial, self.metric)
         started = time.perf_counter()
         try:
             config = self.make_config(params, trial.number)
-            result = finetune(config, progress=self.verbose, on_epoch_end=report, features=self.features_for(config))
+            result = finetune(config, progress=self.verbose, callbacks=[pruning], features=self.features_for(config))
         except KeyboardInterrupt:
             trial.study.enqueue_trial(trial.params, user_attrs={**trial.user_attrs, RETRY_OF: trial.number})
             trial.set_user_attr("error", "interrupted (Ctrl-C); queued again for the next run")
@@ -174,10 +169,23 @@ class TrialRunner:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:1000])
             raise
         self.after_run(trial, result, time.perf_counter() - started)
-        if pruned:
+        if pruning.pruned:
             raise optuna.TrialPruned(f"{self.metric} {result.history[-1][self.metric]:.4f} at epoch "
                                      f"{result.history[-1]['epoch']} is below the median of earlier trials")
         return float(result.best[self.metric])
+
+
+class PruneTrial(Callback):
+    """Reports each epoch's ``metric`` to the trial; stops the run once Optuna's pruner says so."""
+
+    def __init__(self, trial, metric: str):
+        self.trial, self.metric = trial, metric
+        self.pruned = False
+
+    def on_epoch_end(self, run, row: dict, improved: bool) -> bool:
+        self.trial.report(row[self.metric], row["epoch"])
+        self.pruned = self.trial.should_prune()
+        return self.pruned
 
 
 def run_trials(study, runner: TrialRunner, *, trials: int | None, on_trial: Callable) -> None:

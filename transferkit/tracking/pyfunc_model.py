@@ -34,9 +34,9 @@ from PIL import Image
 from transferkit.core.fileio import write_json
 from transferkit.data.decode import ImageDecodeError, load_image, to_rgb_array
 from transferkit.errors import TransferkitError
+from transferkit.tasks import task_of
 
 INPUT_COLUMN = "image"
-OUTPUT_COLUMNS = ("class", "probability", "top_classes", "top_probabilities")
 DEFAULT_TOP_K = 5
 MODEL_ARTIFACT = "model"  # name of the logged model and of its checkpoint folder under artifacts/
 _BASE64_TEXT = re.compile(rb"(data:[\w/+.-]*;base64,)?[A-Za-z0-9+/=\s]+")
@@ -54,7 +54,8 @@ class TransferkitImageModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None):
         top_k = int((params or {}).get("top_k") or DEFAULT_TOP_K)
         images = [decode_image(value) for value in image_values(model_input)]
-        return predictions_frame(self.predictor.predict_proba(images), self.predictor.class_names, top_k)
+        return predictions_frame(self.predictor.task, self.predictor.predict_proba(images), self.predictor.class_names,
+                                 top_k)
 
 
 def image_values(model_input: pd.DataFrame) -> list:
@@ -81,25 +82,19 @@ def decode_image(value) -> np.ndarray:
         raise TransferkitError(f"cannot decode image ({len(value)} bytes): {exc.__cause__}") from exc
 
 
-def predictions_frame(probs: np.ndarray, class_names, top_k: int = DEFAULT_TOP_K) -> pd.DataFrame:
-    """Probabilities → one row per image: best class, its probability, and the top-k lists."""
-    k = max(1, min(int(top_k), len(class_names)))
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return pd.DataFrame({
-        "class": [class_names[row[0]] for row in order],
-        "probability": [float(p[row[0]]) for p, row in zip(probs, order)],
-        "top_classes": [[class_names[i] for i in row] for row in order],
-        "top_probabilities": [[float(p[i]) for i in row] for p, row in zip(probs, order)],
-    }, columns=list(OUTPUT_COLUMNS))
+def predictions_frame(task, probs: np.ndarray, class_names, top_k: int = DEFAULT_TOP_K) -> pd.DataFrame:
+    """Probabilities → one row per image, in the task's output columns (single-label: best class, its
+    probability, and the top-k lists)."""
+    return pd.DataFrame(task.prediction_columns(probs, class_names, top_k), columns=list(task.output_columns))
 
 
-def model_signature() -> ModelSignature:
+def model_signature(task) -> ModelSignature:
+    def column(name: str, kind: str) -> ColSpec:
+        return ColSpec(Array(kind[:-2]), name) if kind.endswith("[]") else ColSpec(kind, name)
+
     return ModelSignature(
         inputs=Schema([ColSpec("binary", INPUT_COLUMN)]),
-        outputs=Schema([
-            ColSpec("string", "class"), ColSpec("double", "probability"),
-            ColSpec(Array("string"), "top_classes"), ColSpec(Array("double"), "top_probabilities"),
-        ]),
+        outputs=Schema([column(name, kind) for name, kind in task.output_columns.items()]),
         params=ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K)]),
     )
 
@@ -131,7 +126,7 @@ def log_model(checkpoint_path: str | os.PathLike, *, name: str = MODEL_ARTIFACT,
             python_model=__file__,
             artifacts={MODEL_ARTIFACT: str(folder)},
             code_paths=[str(PACKAGE_DIR)],
-            signature=model_signature(),
+            signature=model_signature(task_of(metadata)),
             input_example=example_input(preprocessing),
             pip_requirements=pip_requirements(),
             registered_model_name=register,

@@ -1,35 +1,33 @@
 """The training configuration: built-in defaults < recipe YAML < command-line flags.
 
-A recipe is a flat YAML mapping of the same keys as :class:`TrainConfig` (shipped ones: ``transferkit/recipes/``). Every key and
-value is checked before anything runs, and a bad one is named in a one-line error. The resolved config is
-saved as ``config.yaml`` in the run folder, so a run can be repeated with ``--recipe runs/<name>/config.yaml``.
+A recipe is a flat YAML mapping of the same keys as :class:`TrainConfig` (shipped ones: ``recipes/``). Every key and
+value is checked before anything runs against the constraint its field declares (:mod:`transferkit.params`; the
+same declaration makes the ``finetune`` flag), and a bad one is named in a one-line error. The resolved config is
+frozen and saved as ``config.yaml`` in the run folder, so a run can be repeated with ``--recipe
+runs/<name>/config.yaml``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from transferkit import choices
+from transferkit import choices, params
 from transferkit.errors import TransferkitError
+from transferkit.params import Interval, Options
 
-# The keys that take one of a fixed set of values (strategy is parsed: partial:N), for validation and the CLI.
-CHOICE_KEYS = {"strategy": choices.STRATEGIES, "optimizer": choices.OPTIMIZERS, "scheduler": choices.SCHEDULERS,
-               "balance": choices.BALANCE, "monitor": choices.MONITORS, "resize_mode": choices.RESIZE_MODES,
-               "cache": choices.CACHE_MODES, "bad_images": choices.BAD_IMAGES,
-               "bn_stats": choices.BN_STATS}
 # What may differ when a run is resumed: where and how it runs, and how long; never what it learns.
 RESUME_OVERRIDABLE = ("device", "workers", "cache", "track", "tracking_uri", "experiment", "register")
 AUTO_AUG = {"linear-probe": "none"}  # aug left unset: a linear probe gets the feature cache, the rest "light"
 DEFAULT_AUG = "light"
-AUTO_KEYS = ("lr",)  # keys that also take the value "auto" (lr: the LR range test picks it)
 
 
 @dataclass(frozen=True)
@@ -43,22 +41,36 @@ class Strategy:
         return f"{self.name}:{self.stages}" if self.stages is not None else self.name
 
 
+class StrategyText(params.Text):
+    """A strategy name, or ``partial:N`` with N >= 1: a choice with an argument, so not plain :class:`Options`."""
+
+    description = f"one of {', '.join(choices.STRATEGIES)} (N = number of last stages to train, >= 1)"
+    metavar = "[" + "|".join(choices.STRATEGIES) + "]"
+
+    def _accepts(self, value: str) -> bool:
+        name, _, arg = value.partition(":")
+        return (name == "partial" and arg.isdigit() and int(arg) > 0) or (not arg and name in choices.STRATEGIES)
+
+
+STRATEGY = StrategyText()
+
+
 def parse_strategy(text: str) -> Strategy:
     """``"partial:2"`` → ``Strategy("partial", 2)``; the one place a strategy string is read."""
-    name, _, arg = str(text).partition(":")
-    if name == "partial" and arg.isdigit() and int(arg) > 0:
-        return Strategy(name, int(arg))
-    if arg or name not in choices.STRATEGIES:
-        _bad("strategy", text, f"use one of {', '.join(choices.STRATEGIES)} (N = number of last stages to train, >= 1)")
-    return Strategy(name)
+    name, _, arg = STRATEGY.check("strategy", text).partition(":")
+    return Strategy(name, int(arg) if arg else None)
 
 
-def setting(default, help: str):
-    """A config field with its one-line help, which ``transferkit finetune --help`` shows beside the flag."""
-    return field(default=default, metadata={"help": help})
+def setting(default, help: str, constraint: params.Constraint | None = None):
+    """A config field with its one-line help (shown beside its ``finetune`` flag) and the values it takes.
+
+    Numbers must declare their ``constraint``; text and true/false fields get theirs from the type hint, which
+    also adds the literals a field takes besides (``None`` when it is optional, ``"auto"`` for lr).
+    """
+    return field(default=default, metadata={"help": help, "constraint": constraint})
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything a finetune run depends on. Defaults follow timm / fastai fine-tuning practice."""
 
@@ -67,58 +79,69 @@ class TrainConfig:
     weights: str | None = setting(None, "Local weights file instead of the hub's.")
     weights_config: str | None = setting(None, "JSON stating what a bare weights file needs.")
     pretrained: bool = setting(True, "Start from pretrained weights (false: random init).")
-    img_size: int | None = setting(None, "Input size instead of the backbone's own.")
-    val_ratio: float = setting(0.2, "Share of each class held out for validation when the data has no val split.")
+    img_size: int | None = setting(None, "Input size instead of the backbone's own.", params.IMG_SIZE)
+    val_ratio: float = setting(0.2, "Share of each class held out for validation when the data has no val split.",
+                                params.VAL_RATIO)
     # what trains
-    strategy: str = setting("freeze-unfreeze", "What trains: " + " | ".join(choices.STRATEGIES) + ".")
+    strategy: str = setting("freeze-unfreeze", "What trains: " + " | ".join(choices.STRATEGIES) + ".", STRATEGY)
     lp_ft: bool = setting(True, "freeze-unfreeze: first fit the new head on features cached once (LP-FT), "
                                 "costing no epoch, then train everything for `epochs`.")
-    freeze_epochs: int = setting(0, "freeze-unfreeze: head-only epochs over the images before everything trains.")
+    freeze_epochs: int = setting(0, "freeze-unfreeze: head-only epochs over the images before everything trains.",
+                                 Interval(int, 0, None))
     unfreeze_lr_scale: float = setting(1.0, "freeze-unfreeze: LR multiplier once everything trains (the top layer "
-                                            "group then trains at lr, as in fastai's fine_tune; layer_decay below).")
-    layer_decay: float = setting(0.75, "discriminative / freeze-unfreeze: LR x this per layer group from head to stem.")
+                                            "group then trains at lr, as in fastai's fine_tune; layer_decay below).",
+                                      Interval(float, 0, 1, closed="right"))
+    layer_decay: float = setting(0.75, "discriminative / freeze-unfreeze: LR x this per layer group from head to stem.",
+                                 Interval(float, 0, 1, closed="right"))
     train_bn: bool = setting(False, "Let BatchNorm in frozen parts update its statistics and affine params.")
     bn_stats: str = setting("auto", "BatchNorm running statistics of the parts that train: frozen (inference mode, "
                                     "as Keras' fine-tuning guide advises after a head phase), update, or auto "
-                                    "(frozen for freeze-unfreeze, update otherwise).")
+                                    "(frozen for freeze-unfreeze, update otherwise).", Options(choices.BN_STATS))
     # optimisation
-    epochs: int = setting(10, "Epochs over the training images.")
-    batch_size: int = setting(16, "Batch size; the global batch under torchrun.")
-    accum_steps: int = setting(1, "Gradient accumulation steps per optimizer step.")
-    lr: float = setting(1e-3, "Learning rate of the head, or auto (LR range test before training).")
-    optimizer: str = setting("adamw", "Optimizer (timm's factory).")
-    momentum: float = setting(0.9, "SGD momentum.")
-    weight_decay: float = setting(0.01, "Weight decay (not on biases and norms).")
-    scheduler: str = setting("cosine", "LR schedule: cosine (with warmup), plateau (/10 when val loss stalls), none.")
-    warmup_epochs: int = setting(0, "cosine: epochs of linear LR warmup.")
-    min_lr: float = setting(1e-6, "Lowest LR of the schedule.")
-    plateau_patience: int = setting(2, "plateau: epochs without val-loss progress before LR / 10.")
-    early_stopping: int = setting(5, "Epochs without progress on `monitor` before stopping; 0 = never.")
-    monitor: str = setting("val_loss", "Metric that picks the best epoch and drives early stopping.")
-    label_smoothing: float = setting(0.1, "Label smoothing of the training loss.")
-    mixup: float = setting(0.0, "Mixup alpha; 0 = off.")
-    cutmix: float = setting(0.0, "CutMix alpha; 0 = off.")
-    grad_clip: float | None = setting(None, "Max gradient norm; unset = no clipping.")
-    balance: str = setting("none", "Class imbalance: none, weights (loss weights) or sampler (balanced batches).")
+    epochs: int = setting(10, "Epochs over the training images.", params.EPOCHS)
+    batch_size: int = setting(16, "Batch size; the global batch under torchrun.", params.BATCH_SIZE)
+    accum_steps: int = setting(1, "Gradient accumulation steps per optimizer step.", Interval(int, 1, None))
+    lr: float | Literal["auto"] = setting(1e-3, "Learning rate of the head, or auto (LR range test before training).",
+                                         Interval(float, 0, None, closed="neither"))
+    optimizer: str = setting("adamw", "Optimizer (timm's factory).", Options(choices.OPTIMIZERS))
+    momentum: float = setting(0.9, "SGD momentum.", Interval(float, 0, None))
+    weight_decay: float = setting(0.01, "Weight decay (not on biases and norms).", Interval(float, 0, None))
+    scheduler: str = setting("cosine", "LR schedule: cosine (with warmup), plateau (/10 when val loss stalls), none.",
+                               Options(choices.SCHEDULERS))
+    warmup_epochs: int = setting(0, "cosine: epochs of linear LR warmup.", Interval(int, 0, None))
+    min_lr: float = setting(1e-6, "Lowest LR of the schedule.", Interval(float, 0, None))
+    plateau_patience: int = setting(2, "plateau: epochs without val-loss progress before LR / 10.", Interval(int, 0, None))
+    early_stopping: int = setting(5, "Epochs without progress on `monitor` before stopping; 0 = never.",
+                                  Interval(int, 0, None))
+    monitor: str = setting("val_loss", "Metric that picks the best epoch and drives early stopping.", params.MONITOR)
+    label_smoothing: float = setting(0.1, "Label smoothing of the training loss.", Interval(float, 0, 1, closed="left"))
+    mixup: float = setting(0.0, "Mixup alpha; 0 = off.", Interval(float, 0, None))
+    cutmix: float = setting(0.0, "CutMix alpha; 0 = off.", Interval(float, 0, None))
+    grad_clip: float | None = setting(None, "Max gradient norm; unset = no clipping.", Interval(float, 0, None))
+    balance: str = setting("none", "Class imbalance: none, weights (loss weights) or sampler (balanced batches).",
+                             Options(choices.BALANCE))
     ema: bool = setting(False, "Keep an exponential moving average of the weights (timm ModelEmaV3); validation "
                                "scores it and the better of raw and averaged weights is saved.")
-    ema_decay: float = setting(0.998, "EMA decay per update (warmed up from 0 over the first updates).")
+    ema_decay: float = setting(0.998, "EMA decay per update (warmed up from 0 over the first updates).",
+                               Interval(float, 0, 1, closed="right"))
     calibrate: bool = setting(True, "Fit a softmax temperature on the val split after training; predictors apply it.")
     # data pipeline
     aug: str | None = setting(None, f"Augmentation preset ({', '.join(choices.AUG_PRESETS)}) or albumentations YAML; "
                                     "unset: none for linear-probe (features cached once), light otherwise.")
     resize_mode: str | None = setting(None, "How images fit the input: crop, squash or letterbox; unset: the "
-                                            "backbone's own (timm's crop_mode: crop for most).")
-    cache: str = setting("none", "Keep decoded images between epochs: none, memory or disk.")
-    workers: int | None = setting(None, "Data loading processes (default: CPU count - 1, at most 8).")
+                                            "backbone's own (timm's crop_mode: crop for most).", params.RESIZE_MODE)
+    cache: str = setting("none", "Keep decoded images between epochs: none, memory or disk.", params.CACHE_MODE)
+    workers: int | None = setting(None, "Data loading processes (default: CPU count - 1, at most 8).", params.WORKERS)
     bad_images: str = setting("error", "An unreadable train/val image: error (stop before training) or skip "
-                                       "(train without it, and say how many).")
+                                       "(train without it, and say how many).", Options(choices.BAD_IMAGES))
     # runtime
     device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
     amp: bool = setting(True, "Mixed precision on GPU (bf16 where supported, else fp16).")
     compile: bool = setting(False, "torch.compile the model.")
+    cudnn_benchmark: bool = setting(False, "Let cuDNN time kernels and keep the fastest (GPU, fixed input size): "
+                                           "faster, but a seeded run no longer repeats exactly.")
     sync_bn: bool = setting(False, "SyncBatchNorm across processes under torchrun.")
-    seed: int = setting(0, "Random seed: same seed, same metrics on CPU.")
+    seed: int = setting(0, "Random seed: same seed, same metrics on CPU.", params.SEED)
     # outputs and tracking
     out: str = setting("runs", "Parent folder of run folders.")
     name: str | None = setting(None, "Run folder name (default <backbone>-<strategy>-<timestamp>).")
@@ -162,6 +185,30 @@ class TrainConfig:
 
 
 KEYS = tuple(f.name for f in fields(TrainConfig))
+TYPE_HINTS = typing.get_type_hints(TrainConfig)
+_BY_TYPE = {str: params.Text(), bool: params.Boolean()}  # the fields that need not declare a constraint
+
+
+def value_type(key: str) -> type:
+    """The type a key's value has when it is not one of its literals: ``float`` for lr, ``int`` for workers."""
+    hint = TYPE_HINTS[key]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None) and typing.get_origin(arg) is not Literal]
+    return hint
+
+
+def _field_constraint(spec: dataclasses.Field) -> params.Constraint:
+    """The field's declared constraint (or its type's), taking the literals its type hint adds."""
+    constraint = spec.metadata["constraint"] or _BY_TYPE.get(value_type(spec.name))
+    if constraint is None:
+        raise TypeError(f"TrainConfig.{spec.name} is a number: declare its range with setting(..., constraint=...)")
+    hint_args = typing.get_args(TYPE_HINTS[spec.name])
+    literals = [None] * (type(None) in hint_args) + [value for arg in hint_args if typing.get_origin(arg) is Literal
+                                                       for value in typing.get_args(arg)]
+    return constraint.allowing(*literals) if literals else constraint
+
+
+CONSTRAINTS: dict[str, params.Constraint] = {spec.name: _field_constraint(spec) for spec in fields(TrainConfig)}
 
 
 def resolve_config(recipe: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -170,10 +217,11 @@ def resolve_config(recipe: str | os.PathLike | None = None, overrides: Mapping[s
     if recipe is not None:
         values.update(_check_keys(read_recipe(recipe), f"recipe {recipe}"))
     values.update(_check_keys({k: v for k, v in (overrides or {}).items() if v is not None}, "options"))
-    config = TrainConfig(**{key: _coerce(key, value) for key, value in values.items()})
-    if config.aug is None:
-        config.aug = AUTO_AUG.get(parse_strategy(config.strategy).name, DEFAULT_AUG)
-    validate(config)
+    checked = {key: CONSTRAINTS[key].check(key, value) for key, value in values.items()}
+    if checked["aug"] is None:
+        checked["aug"] = AUTO_AUG.get(parse_strategy(checked["strategy"]).name, DEFAULT_AUG)
+    config = TrainConfig(**checked)
+    _check_across_keys(config)
     return config
 
 
@@ -184,7 +232,8 @@ def resume_config(run_dir: str | os.PathLike, overrides: Mapping[str, Any] | Non
         raise TransferkitError(f"{run_dir} has no config.yaml; --resume takes a run folder written by transferkit finetune")
     saved = resolve_config(saved_path)
     given = _check_keys({k: v for k, v in (overrides or {}).items() if v is not None}, "options")
-    changed = [k for k, v in given.items() if k not in RESUME_OVERRIDABLE and _coerce(k, v) != getattr(saved, k)]
+    changed = [k for k, v in given.items()
+               if k not in RESUME_OVERRIDABLE and CONSTRAINTS[k].check(k, v) != getattr(saved, k)]
     if changed:
         raise TransferkitError(
             f"cannot change {changed[0]} when resuming (the run was trained with {changed[0]}={getattr(saved, changed[0])!r}); "
@@ -210,36 +259,12 @@ def read_recipe(path: str | os.PathLike, kind: str = "recipes") -> dict:
     return data
 
 
-def validate(config: TrainConfig) -> None:
-    """Reject values that would fail (or silently misbehave) later, naming the key."""
-    for key, allowed in CHOICE_KEYS.items():
-        optional_unset = key == "resize_mode" and config.resize_mode is None  # the backbone's own
-        if key != "strategy" and not optional_unset and getattr(config, key) not in allowed:
-            _bad(key, getattr(config, key), f"use one of {', '.join(allowed)}")
+def _check_across_keys(config: TrainConfig) -> None:
+    """The rules no single key's constraint can state: each key's own value was checked as it was read."""
     from transferkit.data.augment import preset_path
 
-    strategy = parse_strategy(config.strategy)
     preset_path(config.aug)  # a preset name or an existing albumentations file
-    positive = ("epochs", "batch_size", "accum_steps") + (() if config.lr == "auto" else ("lr",))
-    non_negative = ("freeze_epochs", "warmup_epochs", "min_lr", "plateau_patience", "early_stopping", "weight_decay",
-                    "mixup", "cutmix", "momentum", "seed")
-    for key in positive:
-        if getattr(config, key) <= 0:
-            _bad(key, getattr(config, key), "it must be > 0")
-    for key in non_negative:
-        if getattr(config, key) < 0:
-            _bad(key, getattr(config, key), "it must be >= 0")
-    for key in ("label_smoothing", "val_ratio"):
-        if not 0 <= getattr(config, key) < 1:
-            _bad(key, getattr(config, key), "it must be in [0, 1)")
-    for key in ("layer_decay", "unfreeze_lr_scale", "ema_decay"):
-        if not 0 < getattr(config, key) <= 1:
-            _bad(key, getattr(config, key), "it must be in (0, 1]")
-    for key in ("img_size", "workers", "grad_clip"):
-        value = getattr(config, key)
-        if value is not None and value < (1 if key == "img_size" else 0):
-            _bad(key, value, "it must be a positive number or null")
-    if strategy.name == "freeze-unfreeze" and config.freeze_epochs >= config.epochs:
+    if config.parsed_strategy.name == "freeze-unfreeze" and config.freeze_epochs >= config.epochs:
         _bad("freeze_epochs", config.freeze_epochs,
              f"freeze-unfreeze with {config.freeze_epochs} head-only epochs needs epochs >= {config.freeze_epochs + 1} "
              f"(or freeze_epochs: 0, the default, where the head is fitted on cached features at no epoch's cost)")
@@ -262,45 +287,5 @@ def _check_keys(values: Mapping, where: str) -> dict:
     return dict(values)
 
 
-def _coerce(key: str, value):
-    """YAML/CLI value → the field's type (ints accepted for floats, numeric strings for numbers)."""
-    kind = TrainConfig.__dataclass_fields__[key].type
-    optional = "None" in kind
-    if key in AUTO_KEYS and value == "auto":
-        return value
-    if value is None:
-        if optional:
-            return None
-        _bad(key, value, "it needs a value")
-    base = kind.replace(" | None", "")
-    try:
-        if base == "bool":
-            if isinstance(value, bool):
-                return value
-            raise ValueError
-        if base == "int":
-            if isinstance(value, bool):
-                raise ValueError
-            if not math.isfinite(float(value)):
-                _bad(key, value, "it must be a finite number")
-            if float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if base == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-            if not math.isfinite(number):
-                _bad(key, value, "it must be a finite number")
-            return number
-        if base == "str":
-            if isinstance(value, (dict, list, bool)):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        _bad(key, value, f"expected {'true/false' if base == 'bool' else 'a number' if base in ('int', 'float') else 'a string'}")
-    return value
-
-
 def _bad(key: str, value, hint: str):
-    raise TransferkitError(f"bad value for {key}: {value!r}; {hint}")
+    raise TransferkitError(params.bad_value(key, value, hint))

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -38,7 +37,7 @@ class HeadFit:
                 f"{self.best_epoch}: val_loss {self.val_loss:.4f}, val_accuracy {self.val_accuracy:.3f}")
 
 
-def fit_head_on_features(head: nn.Module, train: TensorDataset, val: TensorDataset, *, weight_decay: float,
+def fit_head_on_features(head: nn.Module, train: TensorDataset, val: TensorDataset, *, task, weight_decay: float,
                          label_smoothing: float, seed: int, lr: float = HEAD_LR, max_epochs: int = MAX_HEAD_EPOCHS,
                          patience: int = HEAD_PATIENCE) -> HeadFit:
     """Train ``head`` in place on feature vectors; it ends with the weights of its best val-loss epoch."""
@@ -52,18 +51,27 @@ def fit_head_on_features(head: nn.Module, train: TensorDataset, val: TensorDatas
     for epoch in range(1, max_epochs + 1):
         head.train()
         for features, labels in loader:
-            loss = F.cross_entropy(head(features.to(device)), labels.to(device), label_smoothing=label_smoothing)
+            loss = task.head_loss(head(features.to(device)), labels.to(device), label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         head.eval()
         with torch.no_grad():
             logits = head(val_x)
-        val_loss = F.cross_entropy(logits, val_y).item()
+        val_loss = task.val_loss(logits, val_y)
         if best is None or val_loss < best[1]:
-            best = (epoch, val_loss, (logits.argmax(1) == val_y).float().mean().item())
+            best = (epoch, val_loss, task.count_correct(logits, val_y) / len(val_y))
             best_state = copy.deepcopy(head.state_dict())
         elif epoch - best[0] >= patience:
             break
     head.load_state_dict(best_state)
     return HeadFit(epoch, best[0], best[1], best[2], time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def probe_row(head: nn.Module, val: TensorDataset, *, task, class_names, device: torch.device) -> dict:
+    """The LP-FT model (pretrained body, fitted head) as epoch 0's row, scored on the cached val vectors, which
+    are exactly what the model computes on the val images."""
+    val_x, val_y = val.tensors
+    head.eval()
+    return {"epoch": 0, **task.val_scores(val_y, head(val_x.to(device)).float().cpu(), class_names)}

@@ -11,11 +11,17 @@ nothing but the LR the run then trains with.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 
 import numpy as np
 import torch
+
+from transferkit.core.runtime import autocast, to_device
+from transferkit.train.optim import build_optimizer
+from transferkit.train.strategies import apply_trainable, set_train_mode
 
 START_LR = 1e-7
 END_LR = 10.0
@@ -60,6 +66,27 @@ def range_test(step, param_groups: list[dict], batches, *, steps: int = MAX_STEP
             break
     finding.suggestion = suggest(finding.lrs, finding.losses)
     return finding
+
+
+def range_test_run(model: torch.nn.Module, data, phase, *, config, device: torch.device, amp: bool) -> LRFinding:
+    """The range test on a run's ``model`` and :class:`~transferkit.train.loop.TrainingData`, over the
+    parameters, LR ratios and loss of its first ``phase``; the model is left as it was."""
+    apply_trainable(model, phase, config.train_bn)
+    optimizer = build_optimizer(data.forward, dataclasses.replace(config, lr=1.0), phase)
+    set_train_mode(model, config.train_bn, config.frozen_bn_stats)
+
+    def step(batch) -> float:
+        images, labels = to_device(batch[0], device), batch[1].to(device)
+        inputs, targets = data.mixup(images, labels) if data.mixup else (images, labels)
+        with autocast(device, amp):
+            loss = data.criterion(data.forward(inputs).float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    with restored(model, optimizer):
+        return range_test(step, optimizer.param_groups, chain.from_iterable(repeat(data.train_loader)))
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float:

@@ -45,7 +45,7 @@ def check_images(index: DatasetIndex, bad_images: str, min_short_side: int | Non
 
 def check_tracking(config: TrainConfig) -> None:
     if config.track:
-        from transferkit.tracking.runs import check_tracking_store
+        from transferkit.tracking.store import check_tracking_store
 
         check_tracking_store(config.tracking_uri)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transferkit import params
 from transferkit.errors import TransferkitError
 
 POOLED_MATCH_TOLERANCE = 1e-4  # relative to the largest |logit|; float32 summation order only
@@ -67,8 +68,7 @@ def dense_map(predictor, image: np.ndarray, short_side: int | None = None) -> De
     (default: twice the model's input size), aspect ratio kept."""
     preprocessing = predictor.preprocessing
     short_side = short_side or DENSE_SCALE * min(preprocessing.input_hw)
-    if short_side < 32:
-        raise TransferkitError(f"dense frame short side must be at least 32 pixels, got {short_side}")
+    params.DENSE_SHORT_SIDE.check("dense_size", short_side)
     tensor = preprocessing.full_frame_transform(short_side)(image)
     view = preprocessing.denormalize(tensor)  # the pixels the map is computed on
     tensor = tensor.unsqueeze(0)

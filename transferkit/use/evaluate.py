@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.core.fileio import ensure_writable_dir, write_json
+from transferkit import params
+from transferkit.core.fileio import ensure_writable_dir
 from transferkit.errors import TransferkitError
-
-GALLERY_SIZE = 16
 
 
 def evaluate(model_spec, data, split: str | None = None, tta: str = "none", batch_size: int = 32,
@@ -50,8 +49,9 @@ def evaluate(model_spec, data, split: str | None = None, tta: str = "none", batc
     from transferkit.use.predict import check_tta
 
     check_tta(tta)
+    params.BATCH_SIZE.check("batch_size", batch_size)  # before the model loads
     if track:  # fail before the work, not after it
-        from transferkit.tracking.runs import check_tracking_store
+        from transferkit.tracking.store import check_tracking_store
 
         check_tracking_store(tracking_uri)
     index = discover(data, val_ratio=0, strict=False)
@@ -77,51 +77,12 @@ def evaluate_samples(predictor, paths: Sequence, y_true: np.ndarray, *, split: s
     the same numbers. The result is ``info`` + tta, the metrics named by split
     (:func:`transferkit.reports.metrics.split_scores`) and the ``skipped`` undecodable files.
     """
+    from transferkit.reports.evaluation_report import score_probabilities
     from transferkit.use.predict import predict_paths
 
     probs, errors = predict_paths(predictor, paths, tta=tta, batch_size=batch_size, workers=workers)
     return score_probabilities(paths, y_true, probs, errors, predictor.class_names, split=split, folder=folder,
                                info=info, tta=tta, topk=topk)
-
-
-def score_probabilities(paths: Sequence, y_true: np.ndarray, probs: np.ndarray, errors: Sequence[str],
-                        class_names: Sequence[str], *, split: str, folder: Path | None = None,
-                        info: Mapping | None = None, tta: str = "none", topk: Sequence[int] = (1, 3)) -> dict:
-    """The evaluation report of class probabilities already computed (``errors[i]`` non-empty: path i was
-    skipped): metrics, skipped files, and the files in ``folder``. The end-of-run val report of a finetune
-    calls it with the probabilities of its own validation pass."""
-    from transferkit.reports.metrics import classification_metrics, split_scores
-
-    ok = np.array([not e for e in errors], dtype=bool)
-    if not ok.any():
-        raise TransferkitError(f"none of the {len(paths)} images in split {split} could be decoded (e.g. {errors[0]})")
-    result = {
-        **(info or {}),
-        "tta": tta,
-        **split_scores(split, classification_metrics(y_true[ok], probs[ok], class_names, topk=topk)),
-        "skipped": [{"path": str(p), "error": e} for p, e in zip(paths, errors) if e],
-    }
-    if folder is not None:
-        write_report(folder, result, [p for p, good in zip(paths, ok) if good], y_true[ok], probs[ok], class_names)
-    return result
-
-
-def write_report(folder: Path, result: dict, paths: Sequence, y_true: np.ndarray, probs: np.ndarray,
-                 class_names: Sequence[str]) -> None:
-    """metrics.json, predictions.csv and the four figures of an evaluation."""
-    from transferkit.reports import plots
-    from transferkit.reports.metrics import worst_errors
-    from transferkit.use.predict import write_rows
-
-    write_json(folder / "metrics.json", result)
-    y_pred = probs.argmax(axis=1)
-    write_rows([{"path": str(p), "true": class_names[t], "pred": class_names[y], "prob": float(row[y]),
-                 "correct": bool(t == y), **{f"prob_{name}": float(v) for name, v in zip(class_names, row)}}
-                for p, t, y, row in zip(paths, y_true, y_pred, probs)], folder / "predictions.csv")
-    plots.confusion_matrix_png(result["confusion_matrix"], class_names, folder / "confusion_matrix.png", normalize=False)
-    plots.confusion_matrix_png(result["confusion_matrix"], class_names, folder / "confusion_matrix_normalized.png")
-    plots.reliability_png(y_true, probs, folder / "reliability.png")
-    plots.error_gallery_png(worst_errors(paths, y_true, probs, GALLERY_SIZE), folder / "errors.png", class_names)
 
 
 def _select_split(index, split: str | None, records: Sequence[Mapping]):
@@ -177,8 +138,9 @@ def _output_folder(out, track: bool) -> Iterator[Path | None]:
 
 def _track(result: dict, folder: Path | None, predictor, index, checkpoint: Path, *, tracking_uri, experiment) -> None:
     """Log to the run that trained the model when the store has it, else to a new run naming the model."""
-    from transferkit.tracking.runs import default_experiment_name, find_model_run, model_digest, start_run
-    from transferkit.tracking.summary import evaluation_line, run_description
+    from transferkit.tracking.lookup import find_model_run, model_digest
+    from transferkit.tracking.summary import evaluation_line
+    from transferkit.tracking.tracker import open_run
 
     split = result["split"]
     digest = model_digest(checkpoint)
@@ -187,7 +149,7 @@ def _track(result: dict, folder: Path | None, predictor, index, checkpoint: Path
     if model_run is not None:  # scores at the run's summary step (its best epoch): what its columns show
         tags = {f"{split}_data": result["data"], f"{split}_data_fingerprint": index.fingerprint(),
                 f"{split}_tta": result["tta"]}
-        with start_run("evaluate", tracking_uri=tracking_uri, run_id=model_run.info.run_id, tags=tags) as tracker:
+        with open_run("evaluate", tracking_uri=tracking_uri, run_id=model_run.info.run_id, tags=tags) as tracker:
             tracker.log_evaluation(result, artifacts_dir=folder, step=int(model_run.data.metrics.get("best_epoch", 0)))
             tracker.add_evaluation_to_description(split, line)
     else:
@@ -198,14 +160,15 @@ def _track(result: dict, folder: Path | None, predictor, index, checkpoint: Path
             "tta": result["tta"], "n_images": result[f"{split}_n"], "n_skipped": len(result["skipped"]),
         }
         source = _model_label(result["model"])
-        tags = {"source_model": result["model"], "source_model_sha256": digest, "backbone": meta.get("backbone"),
+        tags = {"source_model": result["model"], "source_model_sha256": digest,
                 "source_run_id": _run_id_in_uri(result["model"])}
-        with start_run("evaluate", tracking_uri=tracking_uri, experiment=experiment or default_experiment_name(result["data"]),
-                       run_name=f"evaluate-{source}-{split}", tags=tags, params=params, system_metrics=False) as tracker:
+        with open_run("evaluate", data=result["data"], backbone=meta.get("backbone"), params=params, tags=tags,
+                      tracking_uri=tracking_uri, experiment=experiment,
+                      run_name=f"evaluate-{source}-{split}") as tracker:
             tracker.log_evaluation(result, artifacts_dir=folder)
-            tracker.set_description(run_description(
+            tracker.describe(
                 f"evaluate {source} on {split}", [f"model: `{result['model']}` (not trained in this store)", line[2:]],
-                {k: result[k] for k in (f"{split}_accuracy", f"{split}_macro_f1", f"{split}_ece") if k in result}))
+                {k: result[k] for k in (f"{split}_accuracy", f"{split}_macro_f1", f"{split}_ece") if k in result})
     result["mlflow_run_id"] = tracker.run_id
     result["mlflow_model_run"] = model_run is not None
 

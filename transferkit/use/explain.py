@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferkit.choices import CAM_METHODS, check_choice
+from transferkit import params
 from transferkit.core.fileio import ensure_writable_dir, safe_name
 from transferkit.errors import TransferkitError, require_extra
 
@@ -33,7 +33,7 @@ def explain(model_spec, images: Sequence[str | os.PathLike], out_dir: str | os.P
     from transferkit.reports.plots import cam_overlay_png
     from transferkit.use.predict import expand_inputs
 
-    check_choice("CAM method", method, CAM_METHODS)
+    params.CAM_METHOD.check("CAM method", method)
     paths = expand_inputs(images)
     predictor = load_predictor(model_spec, select_device(device))
     if class_name is not None and class_name not in predictor.class_names:
@@ -44,7 +44,7 @@ def explain(model_spec, images: Sequence[str | os.PathLike], out_dir: str | os.P
         for path, stem in zip(paths, unique_stems(paths)):
             target = None if class_name is None else predictor.class_names.index(class_name)
             result = cams(load_image(path), target)
-            pred = int(result.probabilities.argmax())
+            pred = int(predictor.task.decide(result.probabilities))
             title = (f"predicted {predictor.class_names[pred]} ({result.probabilities[pred]:.2f}); "
                      f"{method} for {predictor.class_names[result.target]} at {cams.layer_name}")
             out = out_dir / f"{stem}.{safe_name(predictor.class_names[pred])}.{safe_name(method)}.png"
@@ -66,7 +66,7 @@ class ClassActivationMaps:
     def __init__(self, predictor, method: str = "gradcam", target_layer: str | None = None):
         from transferkit.models.predictors import ClassifierPredictor
 
-        check_choice("CAM method", method, CAM_METHODS)
+        params.CAM_METHOD.check("CAM method", method)
         require_extra("pytorch_grad_cam")
         if not isinstance(predictor, ClassifierPredictor):
             raise TransferkitError(
@@ -92,7 +92,7 @@ class ClassActivationMaps:
         logits = self._cam.outputs.detach().float()[0]  # the CAM's own forward pass
         probabilities = self.predictor.probabilities(logits).cpu().numpy()
         return CamResult(self.predictor.preprocessing.denormalize(tensor), heatmap, probabilities,  # the pixels seen
-                         int(probabilities.argmax()) if target is None else target)
+                         int(self.predictor.task.decide(probabilities)) if target is None else target)
 
     def close(self) -> None:
         self._cam.activations_and_grads.release()

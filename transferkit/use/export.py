@@ -19,12 +19,13 @@ import io
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from transferkit.choices import CALIBRATION_METHODS, EXPORT_FORMATS, EXPORT_PRECISIONS, check_choice
+from transferkit import params
 from transferkit.core.fileio import atomic_path, sha256_file, write_json
 from transferkit.errors import TransferkitError, require_extra
 from transferkit.use import precision as precision_lib
@@ -35,12 +36,25 @@ GENERATED_CHECK_IMAGES = 4
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
+@dataclass
+class ExportedModel:
+    """The exported file and what its JSON sidecar records (parity, precision check, calibration...)."""
+
+    path: Path
+    info: dict
+    precision_report: precision_lib.PrecisionReport | None = None  # fp16/int8: the accuracy check against fp32
+
+    @property
+    def sidecar(self) -> Path:
+        return sidecar_path(self.path)
+
+
 def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = None, dynamic_batch: bool = False,
            opset: int | None = None, check_images: Sequence[str | os.PathLike] | None = None,
            precision: str = "fp32", calibration: str | os.PathLike | None = None,
            calibration_images: int = precision_lib.DEFAULT_CALIBRATION_IMAGES, calibration_method: str = "minmax",
-           max_drop: float = precision_lib.DEFAULT_MAX_DROP, force: bool = False) -> Path:
-    """Write the model to ``out`` (default: beside the checkpoint) plus ``<out>.json``; return ``out``.
+           max_drop: float = precision_lib.DEFAULT_MAX_DROP, force: bool = False) -> ExportedModel:
+    """Write the model to ``out`` (default: beside the checkpoint) plus ``<out>.json``; return both.
 
     ``check_images`` (files, folders or globs) are the parity images; without them a few generated
     images are used. Parity (max |logit difference|) is recorded in the JSON under ``parity``.
@@ -53,19 +67,7 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
     from transferkit.models.predictors import load_predictor
     from transferkit.models.saved_model import find_checkpoint, read_checkpoint_metadata
 
-    check_choice("export format", format, EXPORT_FORMATS)
-    if format == "onnx":
-        require_extra("onnx", "onnxscript", "onnxruntime")
-    if opset is not None and format != "onnx":
-        raise TransferkitError("--opset applies to --format onnx only")
-    check_choice("precision", precision, EXPORT_PRECISIONS)
-    if precision != "fp32" and format != "onnx":
-        raise TransferkitError(f"--precision {precision} applies to --format onnx only")
-    if calibration is not None and precision != "int8":
-        raise TransferkitError("--calibration applies to --precision int8 only")
-    check_choice("calibration method", calibration_method, CALIBRATION_METHODS)
-    if not max_drop >= 0:
-        raise TransferkitError(f"--max-drop is the accuracy points allowed to be lost; it must be >= 0, got {max_drop}")
+    _check_options(format, opset, precision, calibration, calibration_method, calibration_images, max_drop)
     checkpoint = find_checkpoint(model_spec)
     kind = read_checkpoint_metadata(checkpoint).get("kind")
     if kind != "classifier":
@@ -84,7 +86,7 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
     with torch.inference_mode():
         expected = model(batch).numpy()
     with atomic_path(out) as tmp, tempfile.TemporaryDirectory() as scratch:
-        precision_check = calibration_info = None
+        precision_check = calibration_info = report = None
         if format == "onnx":
             fp32_path = tmp if precision == "fp32" else Path(scratch) / "fp32.onnx"
             _export_onnx(model, batch[:1], fp32_path, dynamic_batch, opset)
@@ -92,13 +94,7 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
         else:
             _export_torchscript(model, batch[:1], tmp)
             actual = _run_torchscript(tmp, batch, dynamic_batch)
-        parity = {"images": len(batch), "source": "check images" if check_images else "generated images",
-                  "max_abs_diff": float(np.abs(expected - actual).max()), "tolerance": PARITY_TOLERANCE}
-        if not parity["max_abs_diff"] <= PARITY_TOLERANCE:
-            raise TransferkitError(
-                f"{format} export does not match torch: max |logit difference| {parity['max_abs_diff']:.2e} "
-                f"> {PARITY_TOLERANCE:g} on {len(batch)} images; nothing written"
-            )
+        parity = _check_parity(format, expected, actual, "check images" if check_images else "generated images")
         if precision != "fp32":
             calibration_info = _convert(predictor, fp32_path, tmp, precision, calibration_set, calibration_method,
                                         dynamic_batch)
@@ -108,30 +104,68 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
             precision_check = {**report.as_dict(), "forced": bool(force and report.drop > max_drop)}
             if report.drop > max_drop and not force:
                 raise PrecisionDropError(report)
+        info = _describe(predictor, checkpoint, tmp, out, format=format, dynamic_batch=dynamic_batch,
+                         precision=precision, parity=parity, precision_check=precision_check,
+                         calibration=calibration_info)
         # the JSON first, the model last: a model file present always has its JSON beside it
-        write_json(sidecar_path(out), {
-            "format": format,
-            "file": out.name,
-            "sha256": sha256_file(tmp),
-            "input": {"name": INPUT_NAME, "shape": ["batch" if dynamic_batch else 1, *predictor.preprocessing.input_size],
-                      "dtype": "float32", "layout": "NCHW, RGB, normalized with data_config mean/std"},
-            "output": {"name": OUTPUT_NAME, "meaning": "logits; softmax(logits / temperature) gives class probabilities",
-                       "temperature": predictor.metadata.get("temperature", 1.0)},
-            "class_names": predictor.class_names,
-            "data_config": predictor.preprocessing.data_config,
-            "resize_mode": predictor.preprocessing.resize_mode,
-            "preprocessing": predictor.preprocessing.export_steps(),
-            "backbone": predictor.metadata.get("backbone"),
-            "source_checkpoint_sha256": sha256_file(checkpoint),
-            "exporter": f"torch {torch.__version__} " + ("torch.onnx.export(dynamo=True)" if format == "onnx" else "torch.jit.trace"),
-            "opset": _onnx_opset(tmp) if format == "onnx" else None,
-            "dynamic_batch": dynamic_batch,
-            "precision": precision,
-            "parity": parity if precision == "fp32" else {**parity, "checked": "the fp32 graph before conversion"},
-            "precision_check": precision_check,
-            "calibration": calibration_info,
-        })
-    return out
+        write_json(sidecar_path(out), info)
+    return ExportedModel(out, info, report)
+
+
+def _check_options(format, opset, precision, calibration, calibration_method, calibration_images, max_drop) -> None:
+    """Refuse combinations that mean nothing before any work starts."""
+    params.EXPORT_FORMAT.check("export format", format)
+    if format == "onnx":
+        require_extra("onnx", "onnxscript", "onnxruntime")
+    if opset is not None and format != "onnx":
+        raise TransferkitError("--opset applies to --format onnx only")
+    params.EXPORT_PRECISION.check("precision", precision)
+    if precision != "fp32" and format != "onnx":
+        raise TransferkitError(f"--precision {precision} applies to --format onnx only")
+    if calibration is not None and precision != "int8":
+        raise TransferkitError("--calibration applies to --precision int8 only")
+    params.CALIBRATION_METHOD.check("calibration method", calibration_method)
+    params.CALIBRATION_IMAGES.check("calibration_images", calibration_images)
+    params.MAX_DROP.check("max_drop", max_drop)
+
+
+def _check_parity(format: str, expected: np.ndarray, actual: np.ndarray, source: str) -> dict:
+    """The exported graph must give torch's logits; a mismatch writes nothing."""
+    parity = {"images": len(expected), "source": source,
+              "max_abs_diff": float(np.abs(expected - actual).max()), "tolerance": PARITY_TOLERANCE}
+    if not parity["max_abs_diff"] <= PARITY_TOLERANCE:
+        raise TransferkitError(
+            f"{format} export does not match torch: max |logit difference| {parity['max_abs_diff']:.2e} "
+            f"> {PARITY_TOLERANCE:g} on {len(expected)} images; nothing written"
+        )
+    return parity
+
+
+def _describe(predictor, checkpoint: Path, written: Path, out: Path, *, format: str, dynamic_batch: bool,
+              precision: str, parity: dict, precision_check: dict | None, calibration: dict | None) -> dict:
+    """The sidecar JSON: everything a runtime needs to feed the model and read its output."""
+    return {
+        "format": format,
+        "file": out.name,
+        "sha256": sha256_file(written),
+        "input": {"name": INPUT_NAME, "shape": ["batch" if dynamic_batch else 1, *predictor.preprocessing.input_size],
+                  "dtype": "float32", "layout": "NCHW, RGB, normalized with data_config mean/std"},
+        "output": {"name": OUTPUT_NAME, "meaning": predictor.task.output_meaning,
+                   "temperature": predictor.metadata.get("temperature", 1.0)},
+        "class_names": predictor.class_names,
+        "data_config": predictor.preprocessing.data_config,
+        "resize_mode": predictor.preprocessing.resize_mode,
+        "preprocessing": predictor.preprocessing.export_steps(),
+        "backbone": predictor.metadata.get("backbone"),
+        "source_checkpoint_sha256": sha256_file(checkpoint),
+        "exporter": f"torch {torch.__version__} " + ("torch.onnx.export(dynamo=True)" if format == "onnx" else "torch.jit.trace"),
+        "opset": _onnx_opset(written) if format == "onnx" else None,
+        "dynamic_batch": dynamic_batch,
+        "precision": precision,
+        "parity": parity if precision == "fp32" else {**parity, "checked": "the fp32 graph before conversion"},
+        "precision_check": precision_check,
+        "calibration": calibration,
+    }
 
 
 class PrecisionDropError(TransferkitError):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit import params
 from transferkit.errors import TransferkitError
 
 DEFAULT_CALIBRATION_IMAGES = 128
@@ -163,8 +164,7 @@ def calibration_images(metadata: Mapping, class_names: Sequence[str], folder: st
         if images is None:
             raise TransferkitError("int8 needs calibration images and the model records no readable training split; "
                                    "pass --calibration FOLDER (a few hundred typical images)")
-    if count < 1:
-        raise TransferkitError(f"calibration image count must be at least 1, got {count}")
+    params.CALIBRATION_IMAGES.check("calibration_images", count)
     if len(images.paths) > count:
         keep = np.sort(np.random.default_rng(seed).choice(len(images.paths), count, replace=False))
         images = LabelledImages([images.paths[i] for i in keep], images.labels[keep], images.source)

@@ -17,12 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transferkit.choices import TTA_MODES, check_choice
-from transferkit.core.fileio import atomic_path, write_json
+from transferkit import params
+from transferkit.core.fileio import ROW_FILE_SUFFIXES, write_rows
 from transferkit.data.decode import ImageDecodeError, is_image_file, load_image
 from transferkit.errors import TransferkitError
-
-OUTPUT_FORMATS = (".csv", ".json", ".parquet")
 
 
 def predict(model_spec, inputs: Sequence[str | os.PathLike], topk: int = 3, tta: str = "none",
@@ -35,12 +33,11 @@ def predict(model_spec, inputs: Sequence[str | os.PathLike], topk: int = 3, tta:
     from transferkit.core.runtime import select_device
     from transferkit.models.predictors import load_predictor
 
-    if topk < 1:
-        raise TransferkitError(f"--topk must be at least 1, got {topk}")
-    _check_batch_size(batch_size)
+    params.TOPK.check("topk", topk)
+    params.BATCH_SIZE.check("batch_size", batch_size)
     check_tta(tta)
-    if out is not None and Path(out).suffix.lower() not in OUTPUT_FORMATS:
-        raise TransferkitError(f"--out {out}: unknown format; end the name with one of {', '.join(OUTPUT_FORMATS)}")
+    if out is not None and Path(out).suffix.lower() not in ROW_FILE_SUFFIXES:
+        raise TransferkitError(f"--out {out}: unknown format; end the name with one of {', '.join(ROW_FILE_SUFFIXES)}")
     paths = expand_inputs(inputs)
     predictor = load_predictor(model_spec, select_device(device))
     probs, errors = predict_paths(predictor, paths, tta=tta, batch_size=batch_size, workers=workers)
@@ -83,7 +80,7 @@ def predict_paths(predictor, paths: Sequence[str | os.PathLike], tta: str = "non
 
     from transferkit.data.dataset import make_loader
 
-    _check_batch_size(batch_size)
+    params.BATCH_SIZE.check("batch_size", batch_size)
     views = predictor.preprocessing.tta_views(tta)
     dataset = _ViewsDataset(paths, views, views.decode_short_side)
     loader = make_loader(dataset, batch_size, workers=workers, device=predictor.device)
@@ -127,26 +124,6 @@ def prediction_rows(paths: Sequence, probs: np.ndarray, errors: Sequence[str], c
     return rows
 
 
-def write_rows(rows: Sequence[dict], out: str | os.PathLike) -> Path:
-    """Rows to .csv / .json / .parquet by the name's suffix, atomically."""
-    out = Path(out)
-    suffix = out.suffix.lower()
-    if suffix == ".json":
-        write_json(out, list(rows))
-        return out
-    if suffix not in OUTPUT_FORMATS:
-        raise TransferkitError(f"cannot write {out}: use one of {', '.join(OUTPUT_FORMATS)}")
-    import pandas as pd
-
-    frame = pd.DataFrame(list(rows))
-    with atomic_path(out) as tmp:
-        if suffix == ".csv":
-            frame.to_csv(tmp, index=False)
-        else:
-            frame.to_parquet(tmp, index=False)
-    return out
-
-
 class _ViewsDataset(Dataset):
     """Yields ``(views [K,3,H,W], error)``; a file that will not decode gives zeros and its error message."""
 
@@ -168,9 +145,4 @@ class _ViewsDataset(Dataset):
 
 
 def check_tta(tta: str) -> None:
-    check_choice("--tta", tta, TTA_MODES)
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise TransferkitError(f"--batch-size must be at least 1, got {batch_size}")
+    params.TTA.check("--tta", tta)

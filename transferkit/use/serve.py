@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
+from transferkit import params
 from transferkit.errors import TransferkitError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -36,8 +37,7 @@ class ModelService:
     def __init__(self, predictor, topk: int = 5, method: str = "gradcam"):
         from transferkit.use.explain import ClassActivationMaps
 
-        if topk < 1:
-            raise TransferkitError(f"--topk must be at least 1, got {topk}")
+        params.TOPK.check("topk", topk)
         self.predictor = predictor
         self.topk = min(topk, len(predictor.class_names))
         self.cams = ClassActivationMaps(predictor, method)
@@ -72,8 +72,7 @@ class BadUpload(TransferkitError):
 def make_server(service: ModelService, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                 max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> ThreadingHTTPServer:
     """A bound (not yet serving) HTTP server for ``service``; port 0 picks a free port."""
-    if not max_upload_mb > 0:
-        raise TransferkitError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    params.MAX_UPLOAD_MB.check("max_upload_mb", max_upload_mb)
     page = _page(service).encode()
     limit = int(max_upload_mb * 1024 * 1024)
 

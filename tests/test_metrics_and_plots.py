@@ -1,4 +1,4 @@
-"""evaluation.py metrics against sklearn and hand-computed values; plots.py writes real PNGs."""
+"""Report metrics (transferkit.reports.metrics) against sklearn and hand-computed values; the plots write real PNGs."""
 
 from __future__ import annotations
 

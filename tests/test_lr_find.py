@@ -1,0 +1,29 @@
+"""The LR range test: `lr-find` suggests a finite learning rate and plots it; ``lr=auto`` runs it and stores the choice."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import TINY_BACKBONE, config_for
+
+from transferkit.cli import main
+from transferkit.train import finetune
+from transferkit.train.config import resolve_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # a range test, then a run: ~3 s
+
+
+def test_lr_find_suggests_a_finite_lr_and_lr_auto_stores_it(runner, tiny_data, tiny_weights, tmp_path):
+    import math
+
+    plot = tmp_path / "lr.png"
+    result = runner.invoke(main, ["lr-find", "--backbone", TINY_BACKBONE, "--weights", str(tiny_weights), "--data",
+                                  str(tiny_data), "--workers", "0", "--batch-size", "8", "--img-size", "32",
+                                  "--strategy", "full", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    suggested = float(result.output.strip().splitlines()[-1].split()[2])
+    assert math.isfinite(suggested) and 1e-7 <= suggested <= 10 and plot.stat().st_size > 0
+    run = finetune(config_for(tiny_data, tiny_weights, tmp_path, strategy="full", lr="auto", calibrate=False),
+                   progress=False)
+    saved = resolve_config(run.run_dir / "config.yaml").lr
+    assert isinstance(saved, float) and math.isfinite(saved) and (run.run_dir / "lr_find.png").is_file()
+    assert run.history[0]["lr"] == pytest.approx(saved)
