@@ -110,6 +110,7 @@ class Case:
     exit: int  # the exit code the case must give
     watch: tuple[str, ...] = ("runs",)  # folders whose leftovers the table reports
     sigterm_after: str | None = None  # run as a subprocess; SIGTERM once stderr shows this text (or "file:GLOB")
+    slow: bool = False  # left out of `make test-fast` (a subprocess, or a sweep: seconds, not a fraction of one)
     patch: Callable[[], contextlib.AbstractContextManager] | None = None  # simulates a fault in-process
 
 
@@ -205,6 +206,95 @@ def _evaluate(ws: Workspace, model: Path, *extra: str) -> list[str]:
     return ["evaluate", "--model", str(model), "--data", str(ws.data()), "--workers", "0", "--device", "cpu", *extra]
 
 
+def _serve(ws: Workspace, *extra: str) -> list[str]:
+    """`serve` refusing an option before it loads anything (the model path does not exist: a regression that got
+    past the check would end on that error, not serve forever)."""
+    return ["serve", "--model", str(ws.root / "runs" / "none"), *extra]
+
+
+def _dense_strip(ws: Workspace, dense_size: str) -> list[str]:
+    """`predict --dense` of a 1280x64 strip: at a large --dense-size its resized frame is a multi-GB tensor."""
+    strip = ws.root / "strip.png"
+    Image.new("RGB", (1280, 64), (200, 40, 40)).save(strip)
+    return ["predict", "--model", str(ws.trained_run()), str(strip), "--dense", "--dense-size", dense_size,
+            "--out", str(ws.root / "maps"), "--device", "cpu"]
+
+
+def _leaky(ws: Workspace) -> Path:
+    """Issue 25: a train image copied into val, byte for byte."""
+    data = ws.data()
+    shutil.copy(sorted(data.glob("train/cat/*.png"))[0], data / "val" / "cat" / "copy.png")
+    return data
+
+
+def _flat(ws: Workspace) -> Path:
+    """Issue 25: images lying in one folder, no class folders."""
+    flat = ws.root / "flat"
+    flat.mkdir()
+    for path in sorted(ws.data().glob("train/*/*.png"))[:6]:
+        shutil.copy(path, flat / f"{path.parent.name}_{path.name}")
+    return flat
+
+
+def _export(ws: Workspace, out: str, *extra: str) -> list[str]:
+    return ["export", "--model", str(ws.trained_run()), "--out", out, *extra]
+
+
+def _user_file(ws: Workspace, name: str) -> str:
+    """Issue 24: a file of the user's that a command's --out must not replace."""
+    path = ws.root / "mine" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("mine\n")
+    return str(path)
+
+
+def _audit(ws: Workspace, *extra: str, data: Path | None = None, out: Path | None = None) -> list[str]:
+    return ["data", "audit", str(data or ws.data()), "--backbone", TINY_BACKBONE, "--weights", str(ws.weights),
+            "--out", str(out or ws.root / "audit"), "--workers", "0", "--device", "cpu", "--no-track", *extra]
+
+
+def _features_pooled(ws: Workspace, pool: str) -> str:
+    out = ws.root / f"f-{pool}.parquet"
+    _invoke(["extract", "--backbone", TINY_BACKBONE, "--weights", str(ws.weights), "--data", str(ws.data()),
+             "--out", str(out), "--workers", "0", "--device", "cpu", "--pool", pool])
+    return str(out)
+
+
+def _sweep(ws: Workspace, *extra: str, spec: str = "", data: Path | None = None, track: bool = False) -> list[str]:
+    """A one-backbone sweep of 1-epoch linear probes on a random init (no weights needed), folders in <tmp>."""
+    path = ws.root / "sweep.yaml"
+    path.write_text(f"backbones: [{TINY_BACKBONE}]\ntop_k: 1\nfixed: {{pretrained: false, img_size: 32, epochs: 1, "
+                    "batch_size: 4, workers: 0, device: cpu, strategy: linear-probe, early_stopping: 0}\n" + spec)
+    return ["sweep", "--data", str(data or ws.data()), "--space", str(path), "--out", str(ws.root / "sweeps"),
+            *([] if track else ["--no-track"]), *extra]
+
+
+def _swept(ws: Workspace) -> list[str]:
+    """A finished sweep of study ``s`` in a sqlite study database; returns the options that name that study."""
+    study = ["--storage", f"sqlite:///{ws.root / 'study.db'}", "--study", "s"]
+    _invoke(_sweep(ws, *study))
+    return study
+
+
+def _used_study_folder(ws: Workspace) -> list[str]:
+    folder = ws.root / "sweeps" / "s"
+    (folder / "trial-000-test_efficientnet").mkdir(parents=True)
+    (folder / "leaderboard.csv").write_text("trial,state\n0,COMPLETE\n")
+    return _sweep(ws, "--study", "s")
+
+
+def _study_on(ws: Workspace, data: str, *extra: str) -> list[str]:
+    """Study ``s`` swept once on the case's data, then swept again on ``data``: other classes, or the same folder
+    with a file added."""
+    study = _swept(ws)
+    if data == "other":
+        other = ws.data("other", classes=("cat", "fox"), splits={"train": 8, "val": 4})
+    else:
+        other = ws.data()
+        make_image(other / "train" / "cat" / "new.png", (200, 40, 40), seed=99)
+    return [*_sweep(ws, data=other), *study, *extra]
+
+
 # --------------------------------------------------------------------------- the cases
 
 CASES = [
@@ -284,6 +374,78 @@ CASES = [
     Case("name-exists", "earlier", lambda ws: ws.finetune(name=ws.trained_run("r").name), 2),
     Case("resume-complete-run", "earlier", lambda ws: ["finetune", "--resume", str(ws.trained_run("r"))], 2),
     Case("pickle-weights", "earlier", lambda ws: ws.finetune("--weights", str(_pickle_weights(ws))), 2),
+    # --- serve (24) ---
+    Case("serve-max-upload-inf", "24", lambda ws: _serve(ws, "--max-upload-mb", "inf"), 2, ()),
+    Case("serve-max-upload-1e308", "24", lambda ws: _serve(ws, "--max-upload-mb", "1e308"), 2, ()),
+    Case("serve-allowed-host-url", "24", lambda ws: _serve(ws, "--allowed-host", "http://evil.example.com/"), 2, ()),
+    Case("dense-size-3000", "24", lambda ws: _dense_strip(ws, "3000"), 2, ("maps",)),
+    Case("dense-strip-resized-past-limit", "24", lambda ws: _dense_strip(ws, "1000"), 2, ("maps",)),
+    # --- export/calibration/audit (24) ---
+    Case("export-out-onto-own-checkpoint", "24", lambda ws: _export(ws, str(ws.root / "runs/done/best.safetensors")),
+         2),
+    Case("export-out-onto-model-metadata", "24", lambda ws: _export(ws, str(ws.root / "runs/done/best")), 2),
+    Case("export-out-user-file-overwrite", "24", lambda ws: _export(ws, _user_file(ws, "notes.txt"), "--overwrite"),
+         2, ("mine",)),
+    Case("export-opset-13", "24", lambda ws: _export(ws, str(ws.root / "exports" / "m.onnx"), "--opset", "13"), 0,
+         ("exports",)),
+    Case("export-opset-99", "24", lambda ws: _export(ws, str(ws.root / "exports" / "m.onnx"), "--opset", "99"), 2,
+         ("exports",)),
+    Case("predict-out-onto-model-metadata", "24", lambda ws: [
+        "predict", "--model", str(ws.trained_run()), str(ws.data() / "val"), "--out",
+        str(ws.root / "runs/done/best.json"), "--workers", "0", "--device", "cpu"], 2),
+    Case("evaluate-out-into-run-folder", "24", lambda ws: _evaluate(ws, ws.trained_run(), "--no-track", "--out",
+                                                                    str(ws.root / "runs/done")), 2),
+    Case("extract-out-user-parquet", "24", lambda ws: [
+        "extract", "--backbone", TINY_BACKBONE, "--weights", str(ws.weights), "--data", str(ws.data()),
+        "--out", _user_file(ws, "table.parquet"), "--workers", "0"], 2, ("mine",)),
+    Case("calibration-2-val-images", "24", lambda ws: ws.finetune(
+        data=ws.data("tiny-val", splits={"train": 8, "val": 1})), 0),
+    Case("audit-features-other-pool", "24", lambda ws: _audit(ws, "--features", _features_pooled(ws, "max")), 2,
+         ("audit",)),
+    Case("audit-write-clean-unwritable", "24", lambda ws: _audit(
+        ws, "--write-clean", "/proc/transferkit-test/clean.csv"), 2, ("audit",)),
+    Case("audit-out-into-run-folder", "24", lambda ws: _audit(ws, out=ws.trained_run()), 2),
+    Case("audit-one-image-per-class-per-split", "24", lambda ws: _audit(
+        ws, data=ws.data("tiny", splits={"train": 1, "val": 1})), 0, ("audit",)),
+    Case("lr-find-plot-unwritable", "24", lambda ws: [
+        "lr-find", "--backbone", TINY_BACKBONE, "--weights", str(ws.weights), "--data", str(ws.data()),
+        "--plot", "/proc/transferkit-test/lr.png"], 2, ()),
+    Case("lr-find-plot-onto-checkpoint", "24", lambda ws: [
+        "lr-find", "--backbone", TINY_BACKBONE, "--weights", str(ws.weights), "--data", str(ws.data()),
+        "--plot", str(ws.trained_run() / "best.safetensors")], 2),
+    # --- first contact (25) ---
+    Case("leakage-train-val", "25", lambda ws: ws.finetune(data=_leaky(ws)), 2),
+    Case("leakage-allowed", "25", lambda ws: ws.finetune("--allow-leakage", data=_leaky(ws)), 0),
+    Case("data-single-image", "25", lambda ws: ws.finetune(data=sorted(ws.data().glob("train/cat/*.png"))[0]), 2),
+    Case("data-flat-folder", "25", lambda ws: ws.finetune(data=_flat(ws)), 2),
+    Case("key-value-typo", "25", lambda ws: ws.finetune("epoch=2"), 2),
+    # --- dashboard (25) ---
+    Case("ui-port-out-of-range", "25", lambda ws: ["ui", "--port", "70000"], 2, ()),
+    Case("augment-preview-0-samples", "25", lambda ws: [
+        "augment", "preview", "--data", str(ws.data()), "-n", "0", "--out", str(ws.root / "p.png"),
+        "--backbone", TINY_BACKBONE, "--weights", str(ws.weights)], 2, ()),
+    # --- sweep (24) ---
+    Case("sweep-file-top-k-abc", "24", lambda ws: _sweep(ws, spec="top_k: abc\n"), 2, ("sweeps",)),
+    Case("sweep-file-trials-abc", "24", lambda ws: _sweep(ws, spec="trials: abc\n"), 2, ("sweeps",)),
+    Case("sweep-top-k-0", "24", lambda ws: _sweep(ws, "--top-k", "0"), 2, ("sweeps",)),
+    Case("sweep-study-dotdot", "24", lambda ws: _sweep(ws, "--study", "../x"), 2, ("sweeps", "x")),
+    Case("sweep-study-absolute", "24", lambda ws: _sweep(ws, "--study", str(ws.root / "abs")), 2, ("sweeps", "abs")),
+    Case("sweep-study-folder-in-use", "24", _used_study_folder, 2, ("sweeps",)),
+    Case("sweep-study-on-other-data", "24", lambda ws: _study_on(ws, "other"), 2, ("sweeps",), slow=True),
+    Case("sweep-study-on-changed-data", "24", lambda ws: _study_on(ws, "changed"), 2, ("sweeps",), slow=True),
+    Case("sweep-study-changed-data-allowed", "24", lambda ws: _study_on(ws, "changed", "--allow-data-change"), 0,
+         ("sweeps",), slow=True),
+    Case("sweep-storage-password", "24", lambda ws: _sweep(
+        ws, "--storage", "postgresql+nosuchdriver://optuna:s3cret@127.0.0.1:1/db"), 2, ("sweeps",), slow=True),
+    Case("sweep-tracking-uri-password", "24", lambda ws: _sweep(
+        ws, "--tracking-uri", "http://admin:s3cret@127.0.0.1:1", track=True), 2, ("sweeps",)),
+    # --- sweep speaks finetune's language (25) ---
+    Case("sweep-flag-batch-size-0", "25", lambda ws: _sweep(ws, "--batch-size", "0"), 2, ("sweeps",)),
+    Case("sweep-setting-typo", "25", lambda ws: _sweep(ws, "epoch=2"), 2, ("sweeps",)),
+    Case("sweep-setting-bad-lr", "25", lambda ws: _sweep(ws, "lr=-1"), 2, ("sweeps",)),
+    Case("sweep-fixed-and-searched", "25", lambda ws: _sweep(ws, "--strategy", "full", "--strategies", "full"), 2,
+         ("sweeps",)),
+    Case("sweep-ensemble-1", "25", lambda ws: _sweep(ws, "--ensemble", "1"), 2, ("sweeps",)),
 ]
 
 

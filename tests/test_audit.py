@@ -104,6 +104,7 @@ def test_only_the_far_vector_is_an_outlier():
 # --------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_audit_finds_planted_leakage_and_label_error_and_writes_a_clean_csv(runner, patterns, tiny_weights,
                                                                             tmp_path):
     from mlflow import MlflowClient
@@ -206,3 +207,58 @@ def test_bad_options_fail_before_any_work(patterns, tiny_weights, tmp_path):
         with pytest.raises(TransferkitError, match=message):
             audit(patterns, TINY_BACKBONE, weights=tiny_weights, out=tmp_path / "a", **kwargs)
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("extraction", [{"pool": "max"}, {"layer": -2}, {"tta": "hflip"}])
+def test_refuses_features_made_with_another_pool_layer_or_tta(runner, patterns, tiny_weights, tmp_path, extraction):
+    """Issue 24: a file of the same backbone, weights and data but other vectors flipped the verdict to clean."""
+    features = extract_tiny(patterns, tiny_weights, tmp_path / "f.parquet", **extraction)
+    result = audit_cli(runner, patterns, tiny_weights, tmp_path / "a", "--no-track", "--features", str(features))
+    assert result.exit_code == 2, result.output
+    assert f"was made with other {next(iter(extraction))}" in result.output
+    assert not (tmp_path / "a" / "report.json").exists()
+
+
+def test_unwritable_clean_csv_fails_before_any_work_naming_its_flag(patterns, tiny_weights, tmp_path, monkeypatch):
+    from transferkit.errors import TransferkitError
+    from transferkit.features import audit as audit_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("features were extracted before --write-clean was checked")
+
+    monkeypatch.setattr("transferkit.features.extract.extract_features", no_work)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for target, message in ((blocker / "clean.csv", "is a file, not a folder"), (Path("/proc/tk/clean.csv"), "no file can be made")):
+        with pytest.raises(TransferkitError, match=f"^--write-clean {target} cannot be written: .*{message}"):
+            audit_module.audit(patterns, TINY_BACKBONE, weights=tiny_weights, out=tmp_path / "a", write_clean=target)
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("layout", [{"train": 1, "val": 1}, {"train": 1}])
+def test_one_image_per_class_per_split_is_a_degraded_audit(runner, tiny_weights, tmp_path, layout):
+    """Issue 24: 2 images per class made the label check's LDA raise a ValueError traceback."""
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "data", classes=("cat", "dog"), splits=layout)
+    result = audit_cli(runner, data, tiny_weights, tmp_path / "a", "--no-track", "--json")
+    assert result.exit_code in (0, 1) and isinstance(result.exception, (SystemExit, type(None))), result.output
+    report = json.loads(result.output)
+    assert "skipped" in report["label_check"] and report["label_issues"] == []
+    assert (tmp_path / "a" / "report.json").is_file()
+
+
+def test_out_never_replaces_files_the_audit_did_not_write(patterns, tiny_weights, tmp_path):
+    from transferkit.errors import TransferkitError
+    from transferkit.features.audit import audit
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.json").write_text("{}")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.json").write_text('{"my": "report"}')
+    for out in (run, mine):
+        with pytest.raises(TransferkitError, match="holds files that are not an earlier audit's"):
+            audit(patterns, TINY_BACKBONE, weights=tiny_weights, out=out, workers=0, device="cpu")
+    assert (mine / "report.json").read_text() == '{"my": "report"}' and sorted(p.name for p in run.iterdir()) == ["best.json"]

@@ -15,6 +15,7 @@ from PIL import Image
 
 from transferkit.choices import AUG_PRESETS
 from transferkit.data.augment import load_augmentation
+from transferkit.data.decode import load_image
 from transferkit.errors import TransferkitError
 from transferkit.models.preprocessing import Preprocessing
 from transferkit.reports.plots import augmentation_preview_png
@@ -77,14 +78,27 @@ def test_unknown_aug_is_refused():
         load_augmentation("extreme")
 
 
-def test_preview_grid_writes_a_png_with_one_tile_per_sample(tiny_data, tmp_path):
+def test_preview_grid_puts_each_original_beside_its_augmented_versions(tiny_data, tmp_path):
     square = Preprocessing.resolve(SQUARE_DATA_CONFIG)
-    out = augmentation_preview_png(tiny_data, "heavy", square, tmp_path / "grid.png", n=5, seed=1)
+    out = augmentation_preview_png(tiny_data, "heavy", square, tmp_path / "grid.png", n=5, seed=1, versions=4)
     with Image.open(out) as img:
         assert img.format == "PNG"
-        # 5 tiles → 3 columns x 2 rows of 64 px inputs shown at 192 px + caption strip
-        assert img.width > 3 * 192 and img.height > 2 * 192
-    again = augmentation_preview_png(tiny_data, "heavy", square, tmp_path / "again.png", n=5, seed=1)
+        # 5 augmented → 2 originals: rows of 1 + 4 and 1 + 1 tiles of 64 px inputs shown at 192 px + captions
+        assert 5 * 192 < img.width < 6 * 192 and 2 * 192 < img.height < 3 * 192
+        grid = np.asarray(img.convert("RGB"))
+    rows = [slice(4 + 18, 4 + 18 + 192), slice(4 + 192 + 18 + 4 + 18, 4 + 2 * (192 + 18) + 4)]
+    first = grid[rows[0], 4:4 + 192]
+    # the first tile of a row is an original as validation sees it (the eval transform, no augmentation) ...
+    plain = square.eval_transform()
+    originals = [np.asarray(Image.fromarray(square.denormalize(plain(load_image(path, square.decode_short_side))))
+                            .resize((192, 192), Image.NEAREST)) for path in sorted(tiny_data.rglob("*")) if path.is_file()]
+    assert any(np.array_equal(first, original) for original in originals)
+    # ... and the tiles beside it are augmented draws of it, none equal to an original
+    for column in range(1, 5):
+        x = 4 + column * (192 + 4) + 8
+        assert not any(np.array_equal(grid[rows[0], x:x + 192], original) for original in originals)
+    assert (grid[rows[1], 2 * (192 + 4) + 8 + 50] == 255).all()  # the short second row: 1 + 1 tiles, then blank
+    again = augmentation_preview_png(tiny_data, "heavy", square, tmp_path / "again.png", n=5, seed=1, versions=4)
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
 
 
@@ -102,6 +116,12 @@ def test_augment_preview_cli_writes_a_png(runner, tiny_data, tiny_weights, tmp_p
                                "--out", str(tmp_path / "x.png"), "--backbone", "test_efficientnet"])
     assert bad.exit_code == 2 and bad.output.strip().splitlines()[-1].startswith("error: --aug 'nope'")
     assert not (tmp_path / "x.png").exists()
+    mine = tmp_path / "holiday.png"
+    mine.write_bytes(b"a user's photo")
+    refused = runner.invoke(main, ["augment", "preview", "--data", str(tiny_data), "--out", str(mine),
+                                   "--backbone", "test_efficientnet", "--weights", str(tiny_weights)])
+    assert refused.exit_code == 2 and "already exists and is not an earlier figure" in refused.output
+    assert mine.read_bytes() == b"a user's photo"
 
 
 def test_augment_show_cli_prints_a_loadable_preset(runner, tmp_path):

@@ -73,6 +73,7 @@ def test_non_finite_values_are_refused(key, value):
         resolve_config(overrides={key: value})
 
 
+@pytest.mark.slow
 def test_unwritable_tracking_store_is_named(tmp_path):
     from transferkit.tracking.store import check_tracking_store
 

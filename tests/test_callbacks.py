@@ -81,6 +81,7 @@ def test_listeners_hear_a_failure_and_the_uncommitted_folder_is_removed(tiny_dat
     assert not (tmp_path / "broken").exists()
 
 
+@pytest.mark.slow
 def test_an_untracked_run_never_imports_mlflow(tiny_data, tiny_weights, tmp_path):
     """The trainer knows no tracking library: MLflow comes in only with its listener."""
     script = (

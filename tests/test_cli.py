@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import TINY_BACKBONE, TINY_IMG
 
 from transferkit.cli import main
+from transferkit.errors import TransferkitError
 
 
 def test_help_lists_the_commands(runner):
@@ -31,7 +33,7 @@ def test_python_dash_m_works_like_the_console_script():
 def test_backbones_lists_matching_names(runner):
     result = runner.invoke(main, ["backbones", "*efficientnet_lite*"])
     assert result.exit_code == 0
-    names = result.output.split()
+    names = [line.split()[0] for line in result.output.splitlines()]  # then, for some, where their weights are
     assert "tf_efficientnet_lite0" in names and all("efficientnet_lite" in n for n in names)
     nothing = runner.invoke(main, ["backbones", "nothing_matches_this*"])
     assert nothing.exit_code == 2  # a user error, like every command's; a crash would be 1
@@ -54,3 +56,43 @@ def test_missing_weights_is_a_one_line_error(runner, tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert result.output.startswith("error: no pretrained weights for resnet18")
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_backbones_marks_local_weights_with_their_parameter_count(runner, tiny_weights, monkeypatch, tmp_path):
+    import shutil
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    shutil.copy(tiny_weights, folder / "test_efficientnet.safetensors")
+    monkeypatch.setenv("TRANSFERKIT_WEIGHTS_DIR", str(folder))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "no-hub-cache"))  # nothing cached from the hub
+    listed = runner.invoke(main, ["backbones", "test_efficient*"])
+    assert listed.exit_code == 0, listed.output
+    line = next(line for line in listed.output.splitlines() if line.split()[0] == TINY_BACKBONE)
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_weights), "np") as fh:  # the count from the file's header is the tensors' sizes
+        expected = sum(fh.get_tensor(key).size for key in fh.keys())
+    assert f"{expected / 1e6:.1f} M params" in line and str(folder / "test_efficientnet.safetensors") in line
+    local = runner.invoke(main, ["backbones", "--local"])
+    assert [line.split()[0] for line in local.output.splitlines()] == [TINY_BACKBONE]
+
+
+def test_unknown_backbone_gets_close_matches(runner, tmp_path, tiny_data, monkeypatch):
+    """From the stored names, before torch: "did you mean"; the same words come from timm's own list."""
+    from transferkit.models import names
+    from transferkit.models.backbones import load_backbone
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("TRANSFERKIT_WEIGHTS_DIR", raising=False)
+    import timm
+
+    names.store_names(timm)
+    assert names.stored_names()["all"] == timm.list_models()
+    result = runner.invoke(main, ["finetune", "--backbone", "resnet5", "--data", str(tiny_data), "--no-track"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: unknown backbone 'resnet5'; did you mean resnet50 or resnet51q or resnet50t?"
+    with pytest.raises(TransferkitError, match="did you mean resnet50 or"):
+        load_backbone("resnet5")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_image
@@ -55,3 +56,24 @@ def test_predict_dense_writes_a_class_map_per_frame(runner, tiny_classifier, tmp
 
     refused = runner.invoke(main, ["predict", "--model", str(tiny_classifier), str(frame), "--dense"])
     assert refused.exit_code == 2 and "pass --out FOLDER" in refused.output
+
+
+def test_dense_size_and_the_resized_frame_are_bounded(runner, tiny_classifier, tmp_path):
+    """Issue 24: a 1280x64 strip at --dense-size 3000 asked for a 2.16 GB tensor, then gave a traceback."""
+    from PIL import Image
+
+    from transferkit.models.predictors import load_predictor
+    from transferkit.use.dense import MAX_DENSE_PIXELS, dense_map
+
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (1280, 64), (200, 40, 40)).save(strip)
+    out = tmp_path / "maps"
+    base = ["predict", "--model", str(tiny_classifier), str(strip), "--dense", "--out", str(out), "--device", "cpu"]
+    result = runner.invoke(main, [*base, "--dense-size", "3000"])
+    assert result.exit_code == 2 and "bad value for dense_size: 3000; it must be an int in [32, 2048]" in result.output
+    result = runner.invoke(main, [*base, "--dense-size", "1000"])  # 20000x1000: refused from the header, nothing written
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert f"would be 20,000,000 pixels with its short side resized to 1000, above the {MAX_DENSE_PIXELS:,}" in result.output
+    assert not out.exists()
+    with pytest.raises(TransferkitError, match="above the .*-pixel limit for dense maps"):  # the Python API checks too
+        dense_map(load_predictor(tiny_classifier), np.zeros((64, 1280, 3), np.uint8), 1000)

@@ -56,6 +56,7 @@ def test_evaluate_cli_numbers_equal_sklearn(runner, tiny_classifier, tiny_data, 
     assert json.loads((out / "metrics.json").read_text())["val_macro_f1"] == report["val_macro_f1"]
 
 
+@pytest.mark.slow
 def test_evaluate_mlflow_model_uri_logs_to_the_model_run(runner, tiny_classifier, tiny_data, tmp_path, monkeypatch):
     """A runs:/ model URI evaluates like its folder, and the scores land on the run that logged the model."""
     from mlflow import MlflowClient
@@ -98,6 +99,7 @@ def test_evaluate_of_an_untracked_model_is_a_run_naming_it(runner, tiny_classifi
     assert f"evaluate {tiny_classifier.name} on val" in run.data.tags["mlflow.note.content"]
 
 
+@pytest.mark.slow
 def test_svm_model_evaluates_and_predicts(runner, tiny_weights, tiny_data, tmp_path):
     from conftest import TINY_BACKBONE
 
@@ -190,3 +192,53 @@ def test_predict_input_errors(tiny_classifier, tmp_path):
         predict(tiny_classifier, [tmp_path], out=tmp_path / "p.xlsx")
     with pytest.raises(TransferkitError, match="unknown --tta"):
         predict(tiny_classifier, [tmp_path], tta="rotate")
+
+
+def test_predict_out_replaces_only_an_earlier_predictions_file(tiny_classifier, tiny_data, tmp_path):
+    """Issue 24: `predict --out` replaced any .csv/.json/.parquet, a model's best.json among them."""
+    import shutil
+
+    images = [tiny_data / "val"]
+    model = shutil.copytree(tiny_classifier, tmp_path / "model")
+    metadata = next(model.glob("*.json"))
+    kept = metadata.read_bytes()
+    notes = tmp_path / "notes.csv"
+    notes.write_text("name,amount\nrent,900\n")
+    table = tmp_path / "table.parquet"
+    pd.DataFrame({"path": ["a"], "value": [1]}).to_parquet(table)
+    for out in (metadata, notes, table):
+        with pytest.raises(TransferkitError, match="already exists and is not an earlier predictions file"):
+            predict(model, images, out=out, workers=0)
+    assert metadata.read_bytes() == kept and notes.read_text() == "name,amount\nrent,900\n"
+    with pytest.raises(TransferkitError, match="^--out /proc/tk/p.csv cannot be written"):
+        predict(model, images, out="/proc/tk/p.csv", workers=0)
+    for suffix in (".csv", ".json", ".parquet"):
+        out = tmp_path / f"preds{suffix}"
+        predict(model, images, out=out, topk=1, workers=0)
+        predict(model, images, out=out, topk=2, workers=0)  # its own earlier file: replaced
+        assert "top2_class" in (pd.read_json(out) if suffix == ".json" else pd.read_csv(out) if suffix == ".csv"
+                                else pd.read_parquet(out)).columns
+
+
+def test_evaluate_out_never_replaces_a_run_or_model_folder_files(tiny_classifier, tiny_data, tmp_path, monkeypatch):
+    """Issue 24: `evaluate --out MODEL_DIR` replaced an SVM model's metrics.json; a user's folder got six files."""
+    import shutil
+
+    from transferkit.use.evaluate import check_report_folder
+
+    model = shutil.copytree(tiny_classifier, tmp_path / "model")
+    (model / "metrics.json").write_text('{"head_model": "logistic"}')
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    monkeypatch.setattr("transferkit.models.predictors.load_predictor", None)  # refused before the model loads
+    for out, message in ((model, "not an earlier evaluate report"), (mine, "not an earlier evaluate report"),
+                         (mine / "notes.txt", "is a file"), (Path("/proc/tk/report"), "cannot be written")):
+        with pytest.raises(TransferkitError, match=message):
+            evaluate(model, tiny_data, split="val", track=False, workers=0, out=out)
+    assert (model / "metrics.json").read_text() == '{"head_model": "logistic"}'
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    monkeypatch.undo()
+    report = tmp_path / "report"
+    evaluate(model, tiny_data, split="val", track=False, workers=0, out=report)
+    assert check_report_folder(report) == report  # an earlier report: evaluate may write it again

@@ -66,6 +66,13 @@ def test_backbones_filters_cli(runner, tiny_weights, tmp_path):
     assert f"{model.conv_stem.out_channels} filters" in result.output
     with Image.open(out) as img:
         assert img.format == "PNG"
+    again = runner.invoke(main, ["backbones", "filters", TINY_BACKBONE, "--weights", str(tiny_weights), "--out", str(out)])
+    assert again.exit_code == 0, again.output  # its own earlier figure may be replaced
+    notes = tmp_path / "notes.png"
+    notes.write_bytes(b"a user's file")
+    refused = runner.invoke(main, ["backbones", "filters", TINY_BACKBONE, "--out", str(notes)])
+    assert refused.exit_code == 2 and "already exists and is not an earlier figure" in refused.output
+    assert notes.read_bytes() == b"a user's file"
 
 
 @requires_shared_weights

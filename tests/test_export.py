@@ -137,3 +137,78 @@ def test_real_lite0_imagenet_model_predicts_and_exports(runner, tmp_path):
     assert result.exit_code == 0, result.output
     parity = json.loads(sidecar_path(out).read_text())["parity"]
     assert parity["images"] == 4 and parity["max_abs_diff"] < 1e-3
+
+
+@pytest.mark.slow
+def test_export_never_replaces_a_file_it_did_not_write(runner, tiny_classifier, tmp_path):
+    """The checkpoint, its metadata and a user's file are refused even with --overwrite; a previous export of the
+    same format is replaced only with --overwrite, and one edited since (its hash differs) is not."""
+    import shutil
+
+    from transferkit.core.fileio import sha256_file
+
+    model = tmp_path / "victim"
+    shutil.copytree(tiny_classifier, model)
+    checkpoint = next(model.glob("*.safetensors"))
+    before = sha256_file(checkpoint)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for out, extra in ((checkpoint, []), (checkpoint, ["--overwrite"]), (checkpoint.with_suffix(""), []),
+                       (checkpoint.with_suffix(""), ["--overwrite"]), (notes, []), (notes, ["--overwrite"])):
+        result = runner.invoke(main, ["export", "--model", str(model), "--format", "torchscript", "--out", str(out), *extra])
+        assert result.exit_code == 2, result.output
+        assert "already exists" in result.output or "is not a previous torchscript export" in result.output
+    assert sha256_file(checkpoint) == before and notes.read_text() == "mine"
+    assert sorted(p.name for p in model.iterdir()) == sorted(p.name for p in tiny_classifier.iterdir())
+
+    out = tmp_path / "model.pt"
+    export(model, "torchscript", out=out)
+    with pytest.raises(TransferkitError, match="already exists; export never replaces"):
+        export(model, "torchscript", out=out)
+    export(model, "torchscript", out=out, overwrite=True)  # its own previous export: replaced
+    assert json.loads(sidecar_path(out).read_text())["sha256"] == sha256_file(out)
+    with pytest.raises(TransferkitError, match="not a previous onnx export"):
+        export(model, "onnx", out=out, overwrite=True)  # another format's file is not "the same kind"
+    out.write_bytes(b"edited since")
+    with pytest.raises(TransferkitError, match="not a previous torchscript export"):
+        export(model, "torchscript", out=out, overwrite=True)
+    assert out.read_bytes() == b"edited since"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opset", [13, 20])
+def test_opset_is_written_exactly(runner, tiny_classifier, tmp_path, opset):
+    """Below 18 the dynamo exporter would write 18 (after a traceback); the TorchScript-based one honours it."""
+    import onnx
+
+    out = tmp_path / "model.onnx"
+    result = runner.invoke(main, ["export", "--model", str(tiny_classifier), "--out", str(out), "--opset", str(opset),
+                                  "--dynamic-batch"])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    sidecar = json.loads(sidecar_path(out).read_text())
+    assert sidecar["opset"] == opset and sidecar["parity"]["max_abs_diff"] <= 1e-3
+    assert [o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")] == [opset]
+    assert sidecar["exporter"].endswith(f"dynamo={opset >= 18})")
+
+
+def test_opset_out_of_range_is_refused_before_any_work(tiny_classifier, tmp_path, monkeypatch):
+    import onnx.defs
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the opset was checked")
+
+    monkeypatch.setattr("transferkit.models.predictors.load_predictor", no_model)
+    for opset, message in ((6, "it must be an int >= 7"), (onnx.defs.onnx_opset_version() + 1, "is newer than")):
+        with pytest.raises(TransferkitError, match=message):
+            export(tiny_classifier, "onnx", out=tmp_path / "m.onnx", opset=opset)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_opset_the_exporter_does_not_write_is_refused(tiny_classifier, tmp_path, monkeypatch):
+    import transferkit.use.export as export_module
+
+    monkeypatch.setattr(export_module, "_onnx_opset", lambda path: 18)  # as the dynamo path silently does
+    with pytest.raises(TransferkitError, match="wrote opset 18, not the requested --opset 13; nothing written"):
+        export(tiny_classifier, "onnx", out=tmp_path / "m.onnx", opset=13)
+    assert list(tmp_path.iterdir()) == []

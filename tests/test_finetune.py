@@ -30,13 +30,16 @@ def test_every_strategy_trains_a_loadable_classifier(runner, tiny_data, tiny_wei
                      "--name", "r", "--lr", "0.01", "--aug", "light")
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "r"
-    final = result.output.strip().splitlines()[-1]
-    assert final.startswith(f"run {run_dir}: best epoch ") and "val_accuracy" in final
+    footer = [line for line in result.stdout.splitlines() if ", saved to " in line]
+    assert len(footer) == 1 and "; best epoch " in footer[0] and footer[0].endswith(f"saved to {run_dir}")
+    assert f"transferkit evaluate --model {run_dir}" in result.stdout  # the next commands follow
     for name in ("config.yaml", "metrics.csv", "split.csv", "curves.png", "best.safetensors", "best.json",
                  "last.safetensors", "last.json", "resume.pt", "result.json"):
         assert (run_dir / name).is_file(), name
     rows = read_metrics(run_dir, drop_timing=False)
-    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1)) and list(rows[0]) == list(get_task().epoch_columns)
+    probe = [0] if strategy == "freeze-unfreeze" else []  # LP-FT's probe is epoch 0, a row like the epochs
+    assert [int(r["epoch"]) for r in rows] == probe + list(range(1, epochs + 1))
+    assert list(rows[0]) == list(get_task().epoch_columns)
     assert resolve_config(run_dir / "config.yaml").strategy == strategy
     best = json.loads((run_dir / "best.json").read_text())
     assert best["class_names"] == ["cat", "dog"] and best["recipe"]["strategy"] == strategy
@@ -82,6 +85,7 @@ def test_train_bn_lets_frozen_batchnorm_adapt(tiny_data, tiny_weights, tmp_path)
     assert torch.equal(before["conv_stem.weight"], after["conv_stem.weight"])
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tiny_data, tiny_weights, tmp_path):
     runs = [finetune(config_for(tiny_data, tiny_weights, tmp_path, strategy="full", aug="light", mixup=0.2,
                                 name=f"s{i}"), progress=False) for i in range(2)]
@@ -135,6 +139,7 @@ def test_stalled_val_loss_cuts_the_lr_tenfold_then_stops_early(tiny_data, tiny_w
     assert result.best_epoch == 1
 
 
+@pytest.mark.slow
 def test_balance_and_plateau_options_run(tiny_data3, tiny_weights, tmp_path):
     config = config_for(tiny_data3, tiny_weights, tmp_path, strategy="full", balance="sampler", scheduler="plateau",
                         optimizer="sgd", grad_clip=1.0, accum_steps=2, batch_size=4, name="o", epochs=2,

@@ -40,6 +40,7 @@ def other_weights(tiny_weights, tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_svm_cli_from_features_file(runner, tiny_data3, tiny_weights, tmp_path):
     features = extract_tiny(tiny_data3, tiny_weights, tmp_path / "f.parquet")
     out = tmp_path / "model"

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from transferkit.choices import CACHE_MODES
-from transferkit.data.cache import DiskCache, MemoryCache, build_cache, decode_working
+from transferkit.data.cache import DiskCache, MemoryCache, build_cache, decode_working, working_size
 from transferkit.data.dataset import ImageDataset, make_loader
-from transferkit.data.decode import load_image
+from transferkit.data.decode import image_size, load_image, load_scaled
 from transferkit.errors import TransferkitError
 from transferkit.models.preprocessing import Preprocessing
 
@@ -94,16 +94,21 @@ def test_disk_cache_is_shared_across_processes_and_workers(jpegs, tmp_path):
     assert (fresh.misses, fresh.hits) == (0, 3)
     assert len(list(folder.rglob("*.npy"))) == 3 and not list(folder.rglob("*.tmp"))
     uncached = ImageDataset(jpegs * 2, [0] * 6, PRE.eval_transform(), min_short_side=SHORT)
-    assert torch.equal(torch.cat(worker_batches), torch.stack([uncached[i][0] for i in range(6)]))
+    pixels = torch.stack([uncached[i][0] for i in range(6)])
+    assert pixels.dtype == torch.uint8  # the workers' output; the loader normalises whole batches
+    assert torch.allclose(torch.cat(worker_batches), PRE.normalize(pixels), atol=3 / 255 / min(CONFIG["std"]))
 
 
-def test_cached_eval_tensors_equal_uncached_in_crop_mode(jpegs, tmp_path):
+def test_cached_eval_pixels_match_uncached_in_crop_mode(jpegs, tmp_path):
+    """The cache holds timm's first resize (sized from the full frame); the eval crop of it is the fused resize's
+    result within 2 grey levels."""
     transform = PRE.eval_transform()
     plain = ImageDataset(jpegs, None, transform, min_short_side=SHORT)
     cached = ImageDataset(jpegs, None, transform, min_short_side=SHORT, cache=build_cache("memory"))
     for i in range(len(jpegs)):
         cached[i]  # fill
-        assert torch.equal(plain[i][0], cached[i][0])
+        pixels = cached[i][0]
+        assert pixels.dtype == torch.uint8 and (plain[i][0].int() - pixels.int()).abs().max() <= 2
     assert cached.cache.hits == len(jpegs)
 
 
@@ -179,6 +184,45 @@ def test_make_loader_defaults_and_overrides(jpegs):
     assert make_loader(dataset, 2, workers=0, pin_memory=True).pin_memory
     images, labels = next(iter(loader))
     assert images.shape == (2, 3, 64, 64) and labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loaders_carry_uint8_and_hand_out_the_normalised_model_input(jpegs, workers):
+    """Workers batch uint8 pixels; the loader normalises each batch (in this process, on the device), exactly as the
+    transform normalises one image."""
+    transform = PRE.eval_transform()
+    dataset = ImageDataset(jpegs, [0, 1, 0], transform, min_short_side=SHORT)
+    assert dataset[0][0].dtype == torch.uint8 and dataset.normalize is not None
+    images, labels = next(iter(make_loader(dataset, 3, workers=workers)))
+    assert images.dtype == torch.float32 and images.is_contiguous() and labels.tolist() == [0, 1, 0]
+    assert torch.equal(images, torch.stack([transform(load_scaled(p, SHORT)) for p in jpegs]))
+    assert torch.equal(images, PRE.normalize(torch.stack([dataset[i][0] for i in range(3)])))
+    plain = ImageDataset(jpegs, [0, 1, 0], lambda image: {"image": torch.zeros(2)})  # not a Preprocessing transform
+    assert plain.normalize is None and next(iter(make_loader(plain, 3, workers=0)))[0].shape == (3, 2)
+
+
+def test_train_transform_pixels_are_the_uint8_of_its_output(jpegs):
+    """Seeded, the train transform's pixels normalise to exactly its tensor (with and without a sized crop)."""
+    for preset in ("none", "light"):
+        transform = PRE.train_transform(preset)
+        image = load_scaled(jpegs[0], SHORT)
+        transform.set_random_seed(5)
+        pixels = transform.pixels(image)
+        transform.set_random_seed(5)
+        assert pixels.dtype == torch.uint8 and torch.equal(PRE.normalize(pixels), transform(image))
+
+
+def test_cache_describes_its_footprint(jpegs, tmp_path):
+    memory = build_cache("memory", max_bytes=64 << 20)
+    line = memory.describe(jpegs, SHORT)
+    expected = sum(3 * w * h for w, h in (working_size(image_size(p), SHORT) for p in jpegs)) / 2**20
+    assert line.startswith("--cache memory: ~") and f"~{expected:,.0f} MB for 3 images" in line and "budget 64 MB" in line
+    disk = build_cache("disk", folder=tmp_path / "cache")
+    assert "holds 0 entries" in disk.describe(jpegs, SHORT)
+    for path in jpegs:
+        disk.get(path, SHORT)
+    assert "holds 3 entries" in disk.describe(jpegs, SHORT)
+    assert working_size((1280, 960), 256) == (341, 256) and working_size((100, 90), 256) == (100, 90)
 
 
 def test_dataset_batches_tta_views(jpegs):

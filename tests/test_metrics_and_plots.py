@@ -136,3 +136,88 @@ def test_plots_write_pngs_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
     with pytest.raises(TransferkitError, match="conv weight"):
         plots.filters_png(torch.randn(3, 3), tmp_path / "bad.png")
+
+
+def _captured_figures(monkeypatch):
+    """The matplotlib figures the plot functions build, instead of their PNGs."""
+    from transferkit.reports import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig) or out)
+    return figures
+
+
+def test_evaluation_figures_name_the_model_and_split(monkeypatch, tmp_path):
+    from transferkit.reports import plots
+
+    subject = plots.evaluation_subject(str(tmp_path / "runs" / "lite0-full-1" / "best.safetensors"), "val", 22)
+    assert subject == "lite0-full-1 · val (22 images)"
+    assert plots.evaluation_subject("runs:/abc/model", "test") == "runs:/abc/model · test"
+    figures = _captured_figures(monkeypatch)
+    y, probs = _random_predictions(classes=3)
+    plots.confusion_matrix_png(np.eye(3), ["a", "b", "c"], tmp_path / "cm.png", subject=subject)
+    plots.reliability_png(y, probs, tmp_path / "rel.png", subject=subject)
+    plots.error_gallery_png([], tmp_path / "errors.png", subject=subject)
+    cm, reliability, errors = figures
+    assert cm.axes[0].get_title() == f"{subject}\nconfusion matrix (row-normalized)"
+    assert reliability.axes[0].get_title().startswith(f"{subject}\nreliability (ECE ")
+    assert subject in errors.texts[0].get_text()
+
+
+def test_reliability_gap_is_drawn_beside_not_over_the_accuracy_bar(monkeypatch, tmp_path):
+    """One over-confident bin (confidence 0.95, accuracy 0.5) and one under-confident (0.55, accuracy 1): the
+    gap runs from the lower of the two to the higher, hatched in the colour of its direction."""
+    from matplotlib.colors import to_rgba
+
+    from transferkit.reports import plots
+
+    probs = np.array([[0.95, 0.05]] * 4 + [[0.55, 0.45]] * 4)
+    y = np.array([0, 0, 1, 1] + [0, 0, 0, 0])
+    figures = _captured_figures(monkeypatch)
+    plots.reliability_png(y, probs, tmp_path / "rel.png")
+    ax = figures[0].axes[0]
+    gaps = [p for p in ax.patches if p.get_hatch()]
+    by_x = sorted(gaps, key=lambda p: p.get_x())
+    (under, over) = by_x
+    assert (under.get_y(), under.get_height()) == pytest.approx((0.55, 0.45))
+    assert (over.get_y(), over.get_height()) == pytest.approx((0.5, 0.45))
+    assert under.get_edgecolor() == to_rgba("tab:orange") and over.get_edgecolor() == to_rgba("tab:red")
+    assert {t.get_text() for t in figures[0].axes[1].texts} == {"4"}  # images per used bin, written on the bar
+
+
+def test_gallery_gives_each_group_rows_of_its_own(tmp_path):
+    from transferkit.reports import plots
+
+    image = tmp_path / "img.png"
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(image)
+    item = {"path": image, "caption": "x"}
+    group_of_3 = [dict(item, caption=f"#0 {side}") for side in ("train/a", "val/a", "test/a")]
+    cells, count = plots._gallery_cells([item, group_of_3, [item] * 5, item], columns=4)
+    assert count == 4
+    assert [(row, column) for row, column, _ in cells] == [
+        (0, 0),                                  # a loose item
+        (1, 0), (1, 1), (1, 2),                  # every member of the group, on a row of its own
+        (2, 0), (2, 1), (2, 2), (2, 3), (3, 0),  # a group longer than a row wraps, and stays apart
+        (4, 0)]                                  # the next loose item starts a new row
+    assert [cell[2]["caption"] for cell in cells[1:4]] == ["#0 train/a", "#0 val/a", "#0 test/a"]
+    out = plots.suspect_gallery_png({"near-duplicate groups": [group_of_3], "outliers": []}, tmp_path / "g.png",
+                                    columns=4)
+    assert _png_size(out)[0] > 300
+
+
+def test_audit_scores_are_explained_against_the_thresholds(capsys):
+    from types import SimpleNamespace
+
+    from transferkit.cli.data import _explain_audit_scores
+
+    report = SimpleNamespace(threshold=0.95, pixel_threshold=0.99, outlier_cutoff=0.4321, files={},
+                             dataset="/data/roads", backbone="tf_efficientnet_lite0")
+    _explain_audit_scores(report)
+    text = capsys.readouterr().out
+    assert "flagged from 0.95 (embedding cosine) or 0.99 (thumbnail correlation)" in text
+    assert "flagged above 0.43 (the median + 5 robust standard deviations" in text
+    assert "low = likely mislabelled" in text
+    assert ("next: transferkit data audit /data/roads --backbone tf_efficientnet_lite0 --write-clean clean.csv"
+            in text)
+    _explain_audit_scores(SimpleNamespace(**{**vars(report), "files": {"clean_csv": "clean.csv"}}))
+    assert "next:" not in capsys.readouterr().out  # already written: no next step to suggest

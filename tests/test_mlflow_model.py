@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import subprocess
@@ -88,6 +89,7 @@ def _server_env(mlflow_server):
             "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
 
 
+@pytest.mark.slow
 def test_log_model_returns_runs_uri_and_registers(mlflow_server, logged, checkpoint, monkeypatch):
     from transferkit.models.saved_model import find_checkpoint, read_checkpoint_metadata
 
@@ -103,6 +105,7 @@ def test_log_model_returns_runs_uri_and_registers(mlflow_server, logged, checkpo
     assert version.run_id == run_id
 
 
+@pytest.mark.slow
 def test_model_has_signature_example_and_no_pickle(mlflow_server, logged, monkeypatch, tmp_path):
     import mlflow
 
@@ -158,6 +161,7 @@ def test_pyfunc_predicts_bytes_base64_and_arrays_in_a_fresh_process(mlflow_serve
     assert "/code/transferkit/" in result["transferkit"]  # the model's bundled code, not the checkout
 
 
+@pytest.mark.slow
 def test_svm_model_carries_its_head(mlflow_server, logged_svm, svm_folder, monkeypatch):
     from transferkit.models.saved_model import find_checkpoint
 
@@ -225,3 +229,38 @@ def test_served_model_answers_an_image_post(mlflow_server, logged, images, expec
         assert len(predictions[0]["top_classes"]) == 1
     finally:
         stop_process_tree(server)
+
+
+def test_decode_image_refuses_bad_base64_and_bombs_in_one_line():
+    """Issue 24: what a client of `mlflow models serve` can send is decoded within bounds, with a clear message."""
+    from PIL import Image
+
+    from transferkit.errors import TransferkitError
+    from transferkit.tracking.pyfunc_model import decode_image
+
+    with pytest.raises(TransferkitError, match="it is text but not valid base64"):
+        decode_image(b"hello world")  # looks like base64 text; was a bare binascii.Error
+    with pytest.raises(TransferkitError, match="cannot decode image .*not an image transferkit can decode"):
+        decode_image(base64.b64encode(b"plain text, not an image"))
+    bomb = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(bomb, format="PNG")
+    with pytest.raises(TransferkitError, match="9000x9000 pixels, above the 16,777,216-pixel limit"):
+        decode_image(base64.b64encode(bomb.getvalue()).decode())
+
+
+def test_model_predicts_a_batch_at_a_time_with_the_same_answers(checkpoint, images, monkeypatch):
+    import pandas as pd
+
+    from transferkit.models.predictors import load_predictor
+    from transferkit.tracking import pyfunc_model
+
+    model = pyfunc_model.TransferkitImageModel()
+    model.predictor = load_predictor(checkpoint)
+    frame = pd.DataFrame({"image": [p.read_bytes() for p in images] * 3})
+    whole = model.predict(None, frame)
+    monkeypatch.setattr(pyfunc_model, "BATCH_SIZE", 4)  # 6 images: batches of 4 and 2
+    batched = model.predict(None, frame)
+    pd.testing.assert_frame_equal(whole, batched)
+    expected = model.predictor.predict_proba([str(p) for p in images])
+    assert batched["probability"][:2].tolist() == pytest.approx(expected.max(1).tolist(), abs=1e-6)
+    assert model.predict(None, pd.DataFrame({"image": []})).empty

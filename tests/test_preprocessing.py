@@ -6,6 +6,8 @@ Parity: the eval transform must give the features timm's own eval transform give
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -54,12 +56,108 @@ def test_metadata_round_trip_and_older_checkpoints():
     assert Preprocessing.from_metadata({"data_config": DATA_CONFIG}).resize_mode == "crop"
 
 
+def _levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in grey levels, for uint8 pixels."""
+    return (a.int() - b.int()).abs()
+
+
+def _timm_pixels(preprocessing: Preprocessing, image) -> torch.Tensor:
+    """timm's eval steps up to (not including) ToTensor + Normalize, as uint8 CHW."""
+    from torchvision import transforms
+
+    geometry = transforms.Compose(_timm_eval(preprocessing).transforms[:-2])
+    return torch.from_numpy(np.array(geometry(image))).permute(2, 0, 1)
+
+
 @pytest.mark.parametrize("mode", RESIZE_MODES)
 def test_eval_transform_is_timms_own(mode, photo):
+    """The fused resize gives timm's pixels within 2 grey levels (float box coordinates), and the normalisation is
+    timm's ToTensor + Normalize bit for bit."""
+    from torchvision import transforms
+
     preprocessing = Preprocessing.resolve(DATA_CONFIG, mode)
-    ours = preprocessing.eval_transform()(photo)
+    transform = preprocessing.eval_transform()
+    ours = transform(photo)
     assert ours.shape == (3, 48, 64) and ours.dtype == torch.float32
-    assert torch.equal(ours, _timm_eval(preprocessing)(Image.fromarray(photo)))
+    pixels = transform.pixels(photo)
+    reference = _timm_pixels(preprocessing, Image.fromarray(photo))
+    assert pixels.dtype == torch.uint8 and _levels(pixels, reference).max() <= 2
+    assert (_levels(pixels, reference) == 0).float().mean() > 0.9
+    tail = transforms.Compose(_timm_eval(preprocessing).transforms[-2:])
+    assert torch.equal(ours, tail(Image.fromarray(pixels.permute(1, 2, 0).numpy())))
+
+
+@pytest.mark.parametrize("mode", ["center", "squash", "border"])
+def test_the_fused_geometry_is_timms_for_any_frame_and_input_shape(mode):
+    """Square and non-square inputs, crop_pct < 1 and 1, frames smaller (padded, enlarged) and larger than the input."""
+    rng = np.random.default_rng(0)
+    for input_hw in ((48, 48), (40, 56), (56, 40)):
+        for crop_pct in (0.875, 1.0):
+            preprocessing = Preprocessing.resolve({**DATA_CONFIG, "input_size": [3, *input_hw], "crop_pct": crop_pct,
+                                                   "crop_mode": mode})
+            transform = preprocessing.eval_transform()
+            assert transform.plan is not None  # timm's steps are ones the plan knows
+            exact = replace(transform.plan, reducing_gap=None)  # the default box-reduces a 6x+ downscale first
+            transform.plan = exact
+            for _ in range(6):
+                width, height = (int(v) for v in rng.integers(20, 300, 2))
+                y, x = np.mgrid[0:height, 0:width]
+                image = (127 + 120 * np.sin(x[..., None] / 9 + y[..., None] / 13 + np.arange(3))).astype(np.uint8)
+                reference = _timm_pixels(preprocessing, Image.fromarray(image))
+                pixels = transform.pixels(image)
+                assert pixels.shape == reference.shape == (3, *input_hw), (width, height)
+                assert _levels(pixels, reference).max() <= 2, (width, height)
+
+
+def test_a_large_downscale_is_box_reduced_first_within_a_grey_level():
+    preprocessing = Preprocessing.resolve(SQUARE_DATA_CONFIG)
+    y, x = np.mgrid[0:600, 0:800]
+    image = (127 + 120 * np.sin(x[..., None] / 40 + y[..., None] / 55 + np.arange(3))).astype(np.uint8)
+    reduced = preprocessing.eval_transform()
+    exact = preprocessing.eval_transform()
+    exact.plan = replace(exact.plan, reducing_gap=None)
+    difference = _levels(reduced.pixels(image), exact.pixels(image))
+    assert 0 < difference.float().mean() < 1
+
+
+def test_a_draft_decoded_jpeg_is_cut_where_a_full_decode_is(tmp_path):
+    """Odd frame sizes: the draft's own size rounds timm's resize differently (a one-pixel shift of the crop);
+    planning on the full-resolution size keeps the crop where timm puts it."""
+    from transferkit.data.decode import load_scaled
+
+    preprocessing = Preprocessing.resolve(SQUARE_DATA_CONFIG)
+    y, x = np.mgrid[0:757, 0:1003]
+    image = (127 + 120 * np.sign(np.sin(x[..., None] / 6.0 + y[..., None] / 50.0 + np.arange(3)))).astype(np.uint8)
+    path = tmp_path / "odd.jpg"
+    Image.fromarray(image).save(path, quality=95)
+    scaled = load_scaled(path, preprocessing.decode_short_side)
+    assert scaled.full_size == (1003, 757) and scaled.scale > 1
+    assert scaled.image.size == (-(-1003 // scaled.scale), -(-757 // scaled.scale))
+    reference = _timm_pixels(preprocessing, Image.open(path).convert("RGB"))
+    transform = preprocessing.eval_transform()
+    planned_on_full = _levels(transform.pixels(scaled), reference).float().mean()
+    planned_on_draft = _levels(transform.pixels(scaled.array()), reference).float().mean()
+    assert planned_on_full < planned_on_draft
+
+
+def test_full_scale_jpegs_decode_as_pil_does_exif_and_grey_included(tmp_path):
+    """Full-scale JPEGs go through torchvision's decode_jpeg: the same pixels and orientation as PIL's decode."""
+    from PIL import ImageOps
+
+    from transferkit.data.decode import load_scaled
+
+    rng = np.random.default_rng(2)
+    colour = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    exif = colour.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees: stored 80x60, shown 60x80
+    colour.save(tmp_path / "rotated.jpg", quality=90, exif=exif)
+    Image.fromarray(rng.integers(0, 256, (50, 70), dtype=np.uint8)).save(tmp_path / "grey.jpg", quality=90)
+    for name in ("rotated.jpg", "grey.jpg"):
+        scaled = load_scaled(tmp_path / name)
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / name)).convert("RGB"))
+        assert scaled.scale == 1 and scaled.full_size == (expected.shape[1], expected.shape[0])
+        np.testing.assert_array_equal(scaled.array(), expected)
+    assert load_scaled(tmp_path / "rotated.jpg").full_size == (60, 80)
 
 
 @pytest.mark.parametrize("mode", RESIZE_MODES)
@@ -121,7 +219,8 @@ def test_tta_views_are_the_eval_view_its_mirror_and_distinct_crops(photo):
     flips = preprocessing.tta_views("hflip")(photo)
     assert torch.equal(flips[0], eval_view) and torch.equal(flips[1], eval_view.flip(-1))
     ten = preprocessing.tta_views("ten-crop")(photo)
-    assert torch.equal(ten[4], eval_view)  # the centre crop of the eval resize is the eval view
+    std = torch.tensor(SQUARE_DATA_CONFIG["std"]).view(3, 1, 1)
+    assert ((ten[4] - eval_view) * std * 255).abs().max() <= 2.01  # the centre crop of the eval resize: the eval view
     assert len({v.numpy().tobytes() for v in ten}) == 10
     assert torch.equal(ten[5:], ten[:5].flip(-1))
     with pytest.raises(TransferkitError, match="--tta"):

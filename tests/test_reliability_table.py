@@ -21,7 +21,7 @@ def test_the_doc_lists_exactly_the_cases(doc_rows):
 
 
 # a SIGTERM case runs the command in a fresh interpreter (imports torch, timm, mlflow): seconds each
-@pytest.mark.parametrize("case", [pytest.param(case, id=case.id, marks=[pytest.mark.slow] if case.sigterm_after else [])
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id, marks=[pytest.mark.slow] if case.sigterm_after or case.slow else [])
                                   for case in CASES])
 def test_case(case, tmp_path, tiny_weights, doc_rows):
     row = run_case(case, tmp_path, tiny_weights)

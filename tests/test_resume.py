@@ -65,13 +65,13 @@ def test_interrupted_run_resumes_to_the_same_history(runner, shared_data, tiny_w
             finetune(recipe(tiny_data, tiny_weights, tmp_path, "interrupted"), progress=False)
     run_dir = tmp_path / "interrupted"
     assert not (run_dir / COMPLETE_FILE).exists()  # an unfinished run does not look complete
-    assert len(read_metrics(run_dir)) == crash_epoch  # only committed epochs are on disk
+    assert len(read_metrics(run_dir)) == crash_epoch + 1  # LP-FT's epoch 0 and only the committed epochs
 
     result = runner.invoke(main, ["finetune", "--resume", str(run_dir), "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert (run_dir / COMPLETE_FILE).exists()
     assert read_metrics(run_dir) == read_metrics(reference.run_dir)
-    assert result.output.strip().splitlines()[-1].startswith(f"run {run_dir}: best epoch")
+    assert "; best epoch " in result.output and f"saved to {run_dir}\n" in result.output  # the footer
 
 
 def test_resume_refuses_complete_runs_and_changed_settings(runner, tiny_data, tiny_weights, tmp_path):

@@ -47,6 +47,7 @@ def run_sweep(data, **kwargs):
     return sweep(str(data), **{**options, **kwargs})
 
 
+@pytest.mark.slow
 def test_sweep_tracks_parent_and_children_and_ranks_them(env, data):
     from mlflow import MlflowClient
 
@@ -74,8 +75,15 @@ def test_sweep_tracks_parent_and_children_and_ranks_them(env, data):
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"leaderboard.csv", "leaderboard.md", "ranking.csv", "sweep.png"} <= artifacts
     assert (result.folder / "leaderboard.md").read_text().count("\n| ") == 3
+    note = parent.data.tags["mlflow.note.content"]  # the parent run's description: winner, its scores, the top rows
+    assert f"winner: trial {winner['trial']}, `{winner['backbone']}`" in note and winner["mlflow_run_id"] in note
+    assert "ties by the lower val_loss" in note and "every trial: strategy=linear-probe, epochs=1" in note
+    assert note.index(f"#1 trial {winner['trial']} ") < note.index("#2 trial ") and "| `val_loss` |" in note
+    assert {run.data.metrics["rank_in_sweep"]: run.info.run_id for run in children} == {
+        row.rank: row.mlflow_run_id for row in board.itertuples()}  # MLflow sorts the trials as the leaderboard
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_repeating_finished_trials(env, data, monkeypatch):
     import transferkit.train as train
 
@@ -104,6 +112,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(env, data, 
     assert "interrupted" in board.loc[board["state"] == "FAIL", "error"].item()
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_without_duplicates(env, data):
     """Two sweeps at once on one sqlite study (threads here; bench/bench_sweep.py runs two processes)."""
     import threading
@@ -137,7 +146,8 @@ def test_two_workers_share_one_study_without_duplicates(env, data):
     ({"space": {"lr": []}}, "choices for 'lr' in the sweep space are empty"),
     ({"space": {"lr": {"low": 1e-4, "high": 1e-2}}}, "pass --trials N"),
     ({"space": {"lr": [-1]}}, "bad value for lr"),
-    ({"trials": 0}, "--trials must be at least 1"),
+    ({"trials": 0}, "bad value for trials: 0; it must be an int >= 1"),
+    ({"top_k": 0}, "bad value for top_k: 0; it must be an int >= 1"),
     ({"storage": "nosuchdb://x/y"}, "cannot open study storage"),
     ({"storage": "study.db"}, "not a database URL"),
 ])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from transferkit.cli import main
 from transferkit.tracking.tracker import start_run
 
 
+@pytest.mark.slow
 def test_ui_prints_its_url_and_serves_the_store(mlflow_server):
     assert f"MLflow UI for {mlflow_server.store_uri} at {mlflow_server.url}" in mlflow_server.log.read_text()
     with urllib.request.urlopen(f"{mlflow_server.url}/health", timeout=10) as response:
@@ -88,14 +88,6 @@ def _row_order(dom: str) -> list[str]:
     return [rows[index] for index in sorted(rows, key=int)]
 
 
-def _compare_row(dom: str, metric: str) -> list[str]:
-    """The values in the compare view's row for ``metric`` (its grid cells share the label's ``top``)."""
-    label = dom.index(f">{metric}<")
-    top = re.findall(r"top: (\d+)px", dom[:label])[-1]
-    cells = re.findall(rf'position: absolute; top: {top}px;[^>]*>(.*?)</div>', dom)
-    return [re.sub(r"<[^>]+>", "", cell) for cell in cells]
-
-
 @pytest.mark.slow
 @requires_chromium
 @pytest.mark.timeout(600)
@@ -135,23 +127,17 @@ def test_runs_table_ranks_runs_by_their_best_checkpoints(mlflow_server, tiny_dat
 @pytest.mark.slow
 @requires_chromium
 @pytest.mark.timeout(300)
-def test_compare_view_shows_per_class_metrics(mlflow_server, tmp_path):
-    """Two evaluations logged as transferkit logs them: the compare view lists ``val_recall/<class>`` per run.
-
-    (Runs without system metrics: the compare table renders only its first ~17 metric rows, alphabetically.)
-    """
+def test_per_class_table_shows_on_the_run_page(mlflow_server, tmp_path):
+    """An evaluation's per-class scores are an MLflow table: the artifact view renders it as a grid."""
     from transferkit.reports.metrics import classification_metrics, split_scores
 
     y_true = np.array([0, 0, 1, 1])
-    predictions = {"half-right": [[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7]], "all-right": np.eye(2)[y_true]}
-    ids = []
-    for name, probs in predictions.items():
-        with start_run("evaluate", tracking_uri=mlflow_server.store_uri, experiment="compare", run_name=name,
-                       system_metrics=False) as tracker:
-            tracker.log_evaluation(split_scores("val", classification_metrics(y_true, np.array(probs),
-                                                                              ["dirt road", "paved"])))
-        ids.append(tracker.run_id)
-    experiment_id = MlflowClient(mlflow_server.store_uri).get_experiment_by_name("compare").experiment_id
-    compare = _chromium(f"{mlflow_server.url}/#/compare-runs?runs={json.dumps(ids)}&experiments=[\"{experiment_id}\"]",
-                        tmp_path / "profile")
-    assert _compare_row(compare, "val_recall/dirt_road") == ["val_recall/dirt_road", "0.5", "1"]
+    with start_run("evaluate", tracking_uri=mlflow_server.store_uri, experiment="per-class", run_name="half-right",
+                   system_metrics=False) as tracker:
+        tracker.log_evaluation(split_scores("val", classification_metrics(
+            y_true, np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7]]), ["dirt road", "paved"])))
+    experiment_id = MlflowClient(mlflow_server.store_uri).get_experiment_by_name("per-class").experiment_id
+    page = _chromium(f"{mlflow_server.url}/#/experiments/{experiment_id}/runs/{tracker.run_id}/artifacts/"
+                     "val/per_class.json", tmp_path / "profile")
+    assert 'artifact-name="per_class.json"' in page
+    assert ">dirt road<" in page and ">recall<" in page and ">support<" in page

@@ -38,3 +38,7 @@ EXPORT_FORMATS = ("onnx", "torchscript")
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")  # fp16/int8: ONNX only
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # int8 activation ranges
 CAM_METHODS = ("gradcam", "gradcam++", "scorecam")
+
+# combining models
+ENSEMBLE_SELECTIONS = ("uniform", "greedy")  # greedy: Caruana's forward selection with replacement on val
+SOUP_RECIPES = ("greedy", "uniform")  # greedy: Wortsman's, a member joins only if val accuracy does not drop

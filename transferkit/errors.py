@@ -42,3 +42,11 @@ def require_extra(*modules: str) -> None:
             importlib.import_module(module)
         except ImportError as exc:
             raise (missing_extra(exc) or exc) from exc
+
+
+def did_you_mean(word: str, names, n: int = 3) -> str:
+    """``"; did you mean epochs?"`` for a near-miss among ``names`` (difflib's ratio), else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(names), n=n, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""

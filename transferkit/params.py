@@ -239,8 +239,8 @@ PREVIEW_SAMPLES = Interval(int, 1, 256)
 CALIBRATION_IMAGES = Interval(int, 1, None)
 MAX_DROP = Interval(float, 0, None)  # accuracy points
 TRIALS = Interval(int, 1, None)
-DENSE_SHORT_SIDE = Interval(int, 32, None)  # pixels of a dense frame's short side
-MAX_UPLOAD_MB = Interval(float, 0, None, closed="neither")
+DENSE_SHORT_SIDE = Interval(int, 32, 2048)  # pixels of a dense frame's short side (issue 24: bounded)
+MAX_UPLOAD_MB = Interval(float, 0, 1024, closed="right")  # serve; issue 24: bounded (inf, 1e308 overflowed)
 PORT = Interval(int, 0, 65535)  # 0: any free port
 # None: the backbone's own crop mode (timm's crop_mode; crop for most)
 RESIZE_MODE = Options(choices.RESIZE_MODES).allowing(None)
@@ -257,3 +257,28 @@ EXPORT_FORMAT = Options(choices.EXPORT_FORMATS)
 EXPORT_PRECISION = Options(choices.EXPORT_PRECISIONS)
 CALIBRATION_METHOD = Options(choices.CALIBRATION_METHODS)
 CAM_METHOD = Options(choices.CAM_METHODS)
+
+# --- issue 24: export/calibration/audit ---
+ONNX_OPSET = Interval(int, 7, None)  # torch exports opset 7 and later; the newest is the installed onnx's (checked there)
+
+# --- issue 24: sweep ---
+
+
+class FolderName(Text):
+    """One folder's name, never a path: what it names stays inside its parent folder (a study in --out)."""
+
+    description = "a single folder name, without / or \\ (its folder goes in --out)"
+
+    def _accepts(self, value) -> bool:
+        return bool(value.strip()) and value not in (".", "..") and not set(value) & set("/\\\0")
+
+
+STUDY_NAME = FolderName()
+
+# --- combining models (issue 29) ---
+ENSEMBLE_SELECTION = Options(choices.ENSEMBLE_SELECTIONS)
+ENSEMBLE_ROUNDS = Interval(int, 1, None)
+SOUP_RECIPE = Options(choices.SOUP_RECIPES)
+
+# --- sweep --ensemble (issue 25/29) ---
+SWEEP_ENSEMBLE = Interval(int, 2, None)  # the best K trials' models averaged: at least two

@@ -5,7 +5,7 @@ mlflow) happen inside the commands so `transferkit --help` stays fast. Every use
 non-zero exit code.
 """
 
-from transferkit.cli import augment, backbones, data, features, finetune, sweep, ui, use  # noqa: F401  (command registration)
+from transferkit.cli import augment, backbones, combine, data, features, finetune, sweep, ui, use  # noqa: F401  (command registration)
 from transferkit.cli.group import main
 
 __all__ = ["main"]

@@ -135,4 +135,26 @@ def _print_audit(report, top: int) -> None:
         click.echo(f"  {outlier['score']:.3f}  {outlier['split']}/{outlier['label']}:{outlier['path']}")
     for name, location in report.files.items():
         click.echo(f"{name:<14} {location}")
+    if report.exit_code:
+        _explain_audit_scores(report)
     click.echo("clean" if report.exit_code == 0 else "suspects found (exit 1)")
+
+
+# --- issue 25: what the printed scores mean, against the thresholds, and the next step ---
+def _explain_audit_scores(report) -> None:
+    from transferkit.features.label_issues import OUTLIER_FENCE
+
+    cutoff = f"{report.outlier_cutoff:.2f}" if report.outlier_cutoff is not None else "the cutoff"
+    click.echo("how to read the scores:")
+    click.echo(f"  near-duplicates: similarity of the group's closest pair, flagged from {report.threshold} (embedding "
+               f"cosine) or {report.pixel_threshold} (thumbnail correlation); 1.000 is the same picture. Leakage: one "
+               "image in two splits, so val/test scores are inflated")
+    click.echo("  label issues: the probability a cross-validated classifier gives the folder's label (0-1, low = "
+               "likely mislabelled); listed when it suggests another class, lowest first")
+    click.echo(f"  outliers: mean cosine distance to the nearest images, flagged above {cutoff} "
+               f"(the median + {OUTLIER_FENCE:g} robust standard deviations of this dataset); high = unlike the rest")
+    if "clean_csv" not in report.files:
+        click.echo(f"next: transferkit data audit {report.dataset} --backbone {report.backbone} --write-clean "
+                   "clean.csv   (keeps one image per "
+                   "near-duplicate group, drops outliers and label suspects; --relabel keeps those under the "
+                   "suggested label), then finetune --data clean.csv")

@@ -10,45 +10,85 @@ finetune`` the same command trains with DistributedDataParallel; ``--batch-size`
 from __future__ import annotations
 
 import dataclasses
-import functools
+import os
 
 import click
+import cloup
 import yaml
 
 from transferkit.cli.group import main
-from transferkit.cli.options import weights_options
+from transferkit.cli.options import weights_option_list, with_default
 from transferkit.train import config as train_config
 
-WEIGHTS_KEYS = ("weights", "weights_config", "pretrained")  # from the shared weights_options
+WEIGHTS_KEYS = ("weights", "weights_config", "pretrained")  # from the shared weights_option_list
+# --help's sections, essentials first in each; a key not named here is in Advanced (tests check every key is shown)
+HELP_GROUPS = {
+    "Data": ("data", "val_ratio", "img_size", "resize_mode", "bad_images", "allow_leakage", "cache", "workers"),
+    "Model": ("backbone", *WEIGHTS_KEYS, "strategy", "lp_ft", "freeze_epochs"),
+    "Training": ("recipe", "epochs", "batch_size", "lr", "optimizer", "scheduler", "early_stopping", "monitor",
+                 "weight_decay", "label_smoothing", "balance", "seed", "device"),
+    "Augmentation": ("aug", "mixup", "cutmix"),
+    "Output and tracking": ("out", "name", "track", "tracking_uri", "experiment", "register"),
+}
+ADVANCED = "Advanced"
+RECIPE_OPTION = click.option(
+    "--recipe", type=click.Path(dir_okay=False),
+    help=with_default("YAML recipe file, or a bundled one by name (quick-cpu, linear-probe, roads-resnet50); flags "
+                      "and KEY=VALUE settings override it.", None))
+FINETUNE_EXAMPLES = """\b
+Examples:
+  # the bundled demo data and real weights from a local folder, 3 epochs on CPU
+  TRANSFERKIT_WEIGHTS_DIR=weights/ transferkit finetune --data demo/roads --backbone tf_efficientnet_lite0 --epochs 3
+  # a bundled recipe, with settings written Ultralytics-style
+  transferkit finetune --recipe quick-cpu --data photos/ epochs=5 lr=3e-4
+  # frozen backbone and a linear head (features extracted once), untracked
+  transferkit finetune --data labels.csv --backbone resnet50 --strategy linear-probe --no-track
+"""
 
 
-def config_options(func):
-    """One flag per config key, with its help and default, typed by the constraint the key declares, so a flag
-    and a recipe line are refused with the same message."""
-    for spec in reversed(dataclasses.fields(train_config.TrainConfig)):
-        if spec.name in WEIGHTS_KEYS:
-            continue
-        flag = "--" + spec.name.replace("_", "-")
-        if train_config.value_type(spec.name) is bool:
-            option = click.option(f"{flag}/--no-{spec.name.replace('_', '-')}", spec.name, default=None,
-                                  help=f"{spec.metadata['help']} [default: {_shown(spec.default)}]")
-        else:
-            option = click.option(flag, spec.name, default=None, type=train_config.CONSTRAINTS[spec.name].click_type(),
-                                  help=_help(spec))
-        func = option(func)
-    return func
+def config_option(spec: dataclasses.Field):
+    """The flag of one config key, typed by the constraint the key declares, so a flag and a recipe line are
+    refused with the same message."""
+    flag = "--" + spec.name.replace("_", "-")
+    if train_config.value_type(spec.name) is bool:
+        return click.option(f"{flag}/--no-{spec.name.replace('_', '-')}", spec.name, default=None,
+                            help=with_default(spec.metadata["help"], spec.default))
+    return click.option(flag, spec.name, default=None, type=train_config.CONSTRAINTS[spec.name].click_type(),
+                        help=_help(spec))
 
 
 def _help(spec: dataclasses.Field) -> str:
-    """The field's help, its default and, for a number, its range."""
-    shown = f"default: {_shown(spec.default)}"
+    """The field's help, its range for a number, and its default."""
+    text = spec.metadata["help"]
+    if spec.default == "":  # backbone, data
+        return f"{text} [required, here or in the --recipe]"
     if train_config.value_type(spec.name) in (int, float):
-        shown = f"{train_config.CONSTRAINTS[spec.name].description}; {shown}"
-    return f"{spec.metadata['help']} [{shown}]"
+        text = f"{text} ({train_config.CONSTRAINTS[spec.name].description})"
+    return with_default(text, spec.default)
 
 
-def _shown(default) -> str:
-    return "unset" if default is None or default == "" else str(default).lower() if isinstance(default, bool) else str(default)
+def finetune_options(**more):
+    """The inputs finetune and lr-find share, grouped for --help: recipe, weights, every config key, KEY=VALUE
+    settings; ``more`` adds a command's own options to a group (``Advanced=[...]``)."""
+    options = {"recipe": RECIPE_OPTION, **dict(zip(WEIGHTS_KEYS, weights_option_list())),
+               **{spec.name: config_option(spec) for spec in dataclasses.fields(train_config.TrainConfig)
+                  if spec.name not in WEIGHTS_KEYS}}
+    named = {key for keys in HELP_GROUPS.values() for key in keys}
+    sections = {**{title: [options[key] for key in keys] for title, keys in HELP_GROUPS.items()},
+                ADVANCED: [option for key, option in options.items() if key not in named]}
+    for title, extra in more.items():
+        sections[title] = sections[title] + list(extra)
+
+    def decorate(func):
+        func = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")(func)
+        for title, group in reversed(sections.items()):  # applied bottom-up: reversed, Data comes first
+            func = cloup.option_group(title, *group)(func)
+        return func
+
+    return decorate
+
+
+finetune_command = finetune_options()
 
 
 def parse_overrides(pairs) -> dict:
@@ -65,20 +105,6 @@ def parse_overrides(pairs) -> dict:
         except yaml.YAMLError:
             values[key.strip().replace("-", "_")] = text
     return values
-
-
-def finetune_command(func):
-    """The inputs finetune and lr-find share: recipe, weights, every config key, key=value overrides."""
-
-    @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe file, or a bundled one by name (quick-cpu, linear-probe, roads-resnet50); flags override it.")
-    @weights_options
-    @config_options
-    @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
-
-    return wrapper
 
 
 def command_line_settings(overrides, options: dict) -> dict:
@@ -100,19 +126,35 @@ def resolve_options(recipe, overrides, options: dict):
     return config
 
 
-@main.command()
-@finetune_command
-@click.option("--resume", type=click.Path(file_okay=False), help="Continue the unfinished run in this folder.")
-@click.option("--allow-data-change", is_flag=True,
-              help="With --resume: continue even though the data changed since the run started.")
+def check_before_torch(config) -> None:
+    """A misspelt backbone or a data folder of the wrong layout fails in well under a second, before torch loads
+    (the run checks both again, with everything else)."""
+    from transferkit.data.discover import discover
+    from transferkit.models.names import check_name
+
+    check_name(config.backbone)
+    discover(config.data, val_ratio=config.val_ratio, seed=config.seed)
+
+
+def _main_process() -> bool:
+    """Rank 0 under torchrun (or no torchrun), known from its environment without importing torch."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+@main.command(epilog=FINETUNE_EXAMPLES)
+@finetune_options(**{ADVANCED: [
+    click.option("--resume", type=click.Path(file_okay=False),
+                 help=with_default("Continue the unfinished run in this folder.", None)),
+    click.option("--allow-data-change", is_flag=True,
+                 help=with_default("With --resume: continue even though the data changed since the run started.",
+                                   False)),
+]})
 def finetune(recipe, resume, allow_data_change, overrides, **options):
     """Finetune BACKBONE on DATA; writes runs/<name>/ (checkpoints, metrics.csv, curves.png, config.yaml).
 
     Any setting may also be given as KEY=VALUE (e.g. `lr=3e-4 aug=none`), checked like a recipe key.
     """
-    from transferkit.core import distributed
     from transferkit.errors import TransferkitError
-    from transferkit.train import finetune as run_finetune
 
     if resume:
         config = train_config.resume_config(resume, command_line_settings(overrides, options))
@@ -120,6 +162,12 @@ def finetune(recipe, resume, allow_data_change, overrides, **options):
         config = resolve_options(recipe, overrides, options)
     if allow_data_change and not resume:
         raise TransferkitError("--allow-data-change only applies with --resume")
+    check_before_torch(config)
+    if _main_process():
+        click.echo(f"finetune {config.backbone} on {config.data}: importing torch and timm …", err=True)
+    from transferkit.core import distributed
+    from transferkit.train import finetune as run_finetune
+
     result = run_finetune(config, resume=resume, recipe=recipe, allow_data_change=allow_data_change)
     if distributed.is_main():  # under torchrun only rank 0 reports
         click.echo(result.summary())
@@ -134,8 +182,10 @@ def lr_find(recipe, overrides, plot, **options):
 
     `finetune --lr auto` runs the same test before training and stores the result in the run.
     """
+    from transferkit.core.fileio import check_plot_file
     from transferkit.train import find_lr
 
+    check_plot_file(plot, "--plot")
     config = resolve_options(recipe, overrides, options)
     finding = find_lr(config, plot=plot)
     click.echo(f"suggested lr {finding.suggestion:.2e} after {len(finding.lrs)} steps; loss against LR in {plot}")

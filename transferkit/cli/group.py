@@ -7,6 +7,7 @@ import signal
 import threading
 
 import click
+import cloup
 
 from transferkit.errors import TransferkitError, missing_extra
 from transferkit.version import __version__
@@ -17,7 +18,11 @@ INTERRUPTED = 130  # the shell's code for a command stopped by a signal (128 + S
 
 
 class TransferkitGroup(click.Group):
-    """Turns :class:`TransferkitError` (and a missing optional extra) into ``error: ...`` and its exit code."""
+    """Turns :class:`TransferkitError` (and a missing optional extra) into ``error: ...`` and its exit code.
+
+    Its commands are cloup's, whose ``--help`` shows option groups (finetune: Data, Model, Training, ...)."""
+
+    command_class = cloup.Command
 
     def invoke(self, ctx):
         _stop_on_sigterm()

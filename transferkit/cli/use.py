@@ -83,7 +83,8 @@ def evaluate(model_spec, data, split, tta, batch_size, device, workers, out, as_
               help="Class map of each frame: the classifier applied at every position of its last feature map "
                    "(FC as 1x1 convolution) on a frame larger than the training size. Needs --out FOLDER.")
 @click.option("--dense-size", type=params.DENSE_SHORT_SIDE.click_type(), default=None,
-              help="--dense: resize frames so their short side is this many pixels (default: twice the input size).")
+              help="--dense: resize frames so their short side is this many pixels (default: twice the input size); "
+                   "a resized frame may have at most 2048x2048 pixels.")
 def predict(model_spec, inputs, topk, tta, batch_size, device, workers, out, dense, dense_size):
     """Predict the class of images: files, folders (searched recursively) and quoted glob patterns.
 
@@ -129,7 +130,8 @@ def _predict_dense(model_spec, inputs, out, dense_size, tta, device) -> None:
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Output file (default: beside the checkpoint, <name>[.fp16|.int8].onnx / <name>.torchscript.pt).")
 @click.option("--dynamic-batch", is_flag=True, help="Accept any batch size (default: batch of 1).")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--opset", type=params.ONNX_OPSET.click_type(), default=None,
+              help="ONNX opset, written exactly or refused (default: the exporter's; below 18 the TorchScript-based exporter).")
 @click.option("--check-data", "check_data", multiple=True, type=click.Path(exists=True),
               help="Images (files/folders) for the parity check against torch; default: generated images. Repeatable. "
                    "With fp16/int8: one labelled folder for the accuracy check (default: the run's validation split).")
@@ -142,8 +144,11 @@ def _predict_dense(model_spec, inputs, out, dense_size, tta, device) -> None:
 @click.option("--max-drop", type=params.MAX_DROP.click_type(), default=DEFAULT_MAX_DROP, show_default=True,
               help="fp16/int8: refuse to write the file if accuracy drops more than this many points below fp32.")
 @click.option("--force", is_flag=True, help="fp16/int8: write the file even when accuracy drops more than --max-drop.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a previous export of the same format at --out (recognised by its JSON); any other "
+                   "existing file is always refused.")
 def export(model_spec, fmt, precision, out, dynamic_batch, opset, check_data, calibration, calibration_images,
-           calibration_method, max_drop, force):
+           calibration_method, max_drop, force, overwrite):
     """Export a finetuned classifier to ONNX or TorchScript, plus a JSON with class names and preprocessing;
     fails unless the export reproduces torch's logits within 1e-3 (fp32) or keeps its accuracy (fp16/int8)."""
     from transferkit.use.export import PrecisionDropError
@@ -153,7 +158,7 @@ def export(model_spec, fmt, precision, out, dynamic_batch, opset, check_data, ca
         exported = run_export(model_spec, format=fmt, out=out, dynamic_batch=dynamic_batch, opset=opset,
                               check_images=list(check_data) or None, precision=precision, calibration=calibration,
                               calibration_images=calibration_images, calibration_method=calibration_method,
-                              max_drop=max_drop, force=force)
+                              max_drop=max_drop, force=force, overwrite=overwrite)
     except PrecisionDropError as exc:
         click.echo("\n".join(exc.report.lines()))
         raise
@@ -195,14 +200,18 @@ def explain(model_spec, images, out, method, target_layer, class_name, device):
 @click.option("--port", default=8000, show_default=True, type=params.PORT.click_type(), help="Port (0: any free port).")
 @click.option("--topk", default=5, show_default=True, type=params.TOPK.click_type(), help="Classes shown per image.")
 @click.option("--max-upload-mb", default=10.0, show_default=True, type=params.MAX_UPLOAD_MB.click_type(), help="Largest accepted upload.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests whose Host is NAME (the server's address, and localhost on loopback, always "
+                   "are); any other Host is refused, as a DNS-rebinding page would send. Repeatable.")
 @click.option("--device", default="auto", show_default=True)
-def serve(model_spec, host, port, topk, max_upload_mb, device):
+def serve(model_spec, host, port, topk, max_upload_mb, allowed_hosts, device):
     """A web page to try a model: drop an image, see its top classes and a Grad-CAM overlay (JSON API at
-    /api/predict). For one person on their own machine: no authentication."""
+    /api/predict: raw image bytes or a multipart form upload). For one person on their own machine: no
+    authentication."""
     from transferkit.use.serve import serve as run_serve
 
     run_serve(model_spec, host=host, port=port, topk=topk, max_upload_mb=max_upload_mb, device=device,
-              announce=lambda line: click.echo(line, err=line.startswith("warning")))
+              allowed_hosts=allowed_hosts, announce=lambda line: click.echo(line, err=line.startswith("warning")))
 
 
 def _print_predictions(rows) -> None:

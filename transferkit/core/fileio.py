@@ -120,6 +120,44 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_writable_file(path: str | os.PathLike, flag: str) -> Path:
+    """Fail now, naming ``flag``, where ``path`` could not be written at the end of a long command: a folder, or
+    a place where no file can be made (tried with a temporary file in its nearest existing folder). Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise TransferkitError(f"{flag} {path} is a folder; name a file")
+    existing = next(folder for folder in path.absolute().parents if folder.exists())
+    if not existing.is_dir():
+        raise TransferkitError(f"{flag} {path} cannot be written: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise TransferkitError(f"{flag} {path} cannot be written: no file can be made in {existing} "
+                               f"({exc.strerror or exc}); choose a writable path") from exc
+    return path
+
+
+def check_plot_file(path: str | os.PathLike, flag: str) -> Path:
+    """A figure's output, checked before the work it plots: a writable ``.png`` that replaces nothing but an
+    earlier figure (a PNG matplotlib wrote), never a checkpoint or a user's file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise TransferkitError(f"{flag} {path} must end in .png (the figure is written as a PNG)")
+    check_writable_file(path, flag)
+    if path.exists() or path.is_symlink():
+        try:
+            with Image.open(path) as image:
+                earlier_figure = image.format == "PNG" and image.info.get("Software", "").startswith("Matplotlib")
+        except (OSError, UnidentifiedImageError):
+            earlier_figure = False
+        if not earlier_figure:
+            raise TransferkitError(f"{flag} {path} already exists and is not an earlier figure; choose another {flag}")
+    return path
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

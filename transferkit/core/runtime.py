@@ -61,11 +61,14 @@ def prepare_model(model: torch.nn.Module, device: torch.device, *, benchmark: bo
     return model
 
 
-def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(batch: torch.Tensor, device: torch.device, normalize=None) -> torch.Tensor:
+    """``batch`` on ``device`` (channels_last on a GPU, where convolutions run faster in NHWC); with ``normalize``
+    (uint8 pixels → the model's input, :meth:`~transferkit.models.preprocessing.Preprocessing.normalize`) it moves
+    as uint8 and is converted there."""
     batch = batch.to(device, non_blocking=device.type == "cuda")
     if device.type == "cuda" and batch.dim() == 4:
         batch = batch.contiguous(memory_format=torch.channels_last)
-    return batch
+    return batch if normalize is None else normalize(batch)
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:

@@ -77,6 +77,13 @@ def check_dataset(index: DatasetIndex, min_side: int = 224, max_imbalance: float
     return report
 
 
+def leaked(report: CheckReport) -> list[dict]:
+    """The duplicate groups with a copy in train and another in val or test: the val/test scores of a model
+    trained on them are inflated (finetune refuses them unless allowed)."""
+    return [group for group in report.duplicates
+            if "train" in (splits := {f["split"] for f in group["files"]}) and splits & {"val", "test"}]
+
+
 def _check_class_coverage(index: DatasetIndex, counts, report: CheckReport) -> None:
     for split, per_class in counts.items():
         missing = [c for c, n in per_class.items() if n == 0]

@@ -24,6 +24,8 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
                  "test": "test", "testing": "test"}
 SPLITS = ("train", "val", "test")
 CSV_COLUMNS = ("path", "label", "split")
+LAYOUT = ("a folder of class folders (DATA/<class>/<image>), split folders (DATA/train/<class>/<image> beside "
+          "val/, test/) or a labels CSV (columns path,label[,split])")
 # Folders that are never classes or images: macOS zip metadata, and hidden ones (.thumbs, .git) anywhere.
 IGNORED_FOLDERS = ("__MACOSX",)
 
@@ -97,6 +99,8 @@ def discover(path: str | os.PathLike, val_ratio: float = 0.2, seed: int = 0, str
     if not 0.0 <= val_ratio < 1.0:
         raise TransferkitError(f"val ratio must be in [0, 1), got {val_ratio}")
     if root.is_file():
+        if is_image_file(root.name):
+            raise TransferkitError(f"--data {root} is a single image; it must be {LAYOUT}")
         index = _from_csv(root)
     else:
         split_dirs = _split_dirs(root)
@@ -169,7 +173,10 @@ def _from_csv(csv_path: Path) -> DatasetIndex:
             reader = csv.DictReader(fh)
             columns = [c.strip() for c in reader.fieldnames or []]
             rows = [(reader.line_num, row) for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except UnicodeDecodeError as exc:
+        raise TransferkitError(f"{csv_path} is not a text CSV ({exc.reason} at byte {exc.start}); --data must be "
+                               f"{LAYOUT}") from exc
+    except (OSError, csv.Error) as exc:
         raise TransferkitError(f"cannot read CSV {csv_path}: {exc}") from exc
     unknown = [c for c in columns if c not in CSV_COLUMNS]
     if unknown or not {"path", "label"} <= set(columns):
@@ -230,7 +237,7 @@ def _lines(numbers: list[int], shown: int = 5) -> str:
 
 def _validate(index: DatasetIndex, strict: bool) -> None:
     if not index.samples:
-        raise TransferkitError(f"no images found under {index.root}; expected <class>/<image> folders or a CSV")
+        raise TransferkitError(_no_images(index.root))
     counts = Counter(s.label for s in index.samples)
     empty = [c for i, c in enumerate(index.classes) if counts.get(i, 0) == 0]
     if empty:
@@ -239,6 +246,16 @@ def _validate(index: DatasetIndex, strict: bool) -> None:
         raise TransferkitError(f"{index.root} has {len(index.classes) - len(empty)} class with images; a classifier needs at least 2")
     if strict and index.problems:
         raise TransferkitError(f"{index.root}: {index.problems[0]} (see `transferkit data check`)")
+
+
+def _no_images(root: Path) -> str:
+    """Why a folder gave no samples: images lying loose without class folders are the usual reason."""
+    for folder in [root, *(d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() in SPLIT_ALIASES)]:
+        loose = [p for p in folder.iterdir() if p.is_file() and is_image_file(p.name)]
+        if loose:
+            return (f"{folder} holds {len(loose)} images but no class folders; --data must be {LAYOUT} "
+                    f"(e.g. {folder}/<class>/{loose[0].name})")
+    return f"no images found under {root}; --data must be {LAYOUT}"
 
 
 def _carve_val(index: DatasetIndex, val_ratio: float, seed: int) -> None:

@@ -19,6 +19,7 @@ moved, deleted or edited.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.core.fileio import atomic_path, ensure_writable_dir, write_json
+from transferkit.core.fileio import atomic_path, check_writable_file, ensure_writable_dir, write_json
 from transferkit.errors import TransferkitError
 from transferkit.features.label_issues import CLASSIFIER, DEFAULT_FOLDS
 
@@ -38,8 +39,11 @@ DEFAULT_PIXEL_THRESHOLD = 0.99
 DEFAULT_TOP = 12
 OUTLIER_NEIGHBOURS = 10
 FEATURES_FILE = "features.parquet"
+OUTPUT_FILES = ("report.json", "embedding_map.png", "gallery.png", FEATURES_FILE)  # what an audit writes in --out
 CLEAN, SUSPECTS = 0, 1
 SPLIT_PRIORITY = {"train": 0, "val": 1, "test": 2}
+# How the audit's vectors are made; a --features file must have been made the same way (not another pool/layer).
+FEATURE_SETTINGS = {"pool": "avg", "layer": None, "tta": "none"}
 
 
 @dataclass
@@ -105,17 +109,19 @@ def audit(data, backbone: str, *, weights=None, weights_config=None, pretrained:
         raise TransferkitError("--relabel only applies with --write-clean FILE.csv")
     index = discover(data, val_ratio=val_ratio, seed=seed)
     clean_csv = _check_clean_target(write_clean) if write_clean is not None else None
-    out = ensure_writable_dir(out)
+    _check_out(Path(out))
     started = time.perf_counter()
+    if features is not None:  # before ``out`` is made: a refused file leaves nothing behind
+        check_features_match(features, index, backbone, weights=weights, weights_config=weights_config,
+                             pretrained=pretrained)
+    out = ensure_writable_dir(out)
     if features is None:
         from transferkit.features.extract import extract_features
 
         features = extract_features(backbone, data, out / FEATURES_FILE, weights=weights,
                                     weights_config=weights_config, pretrained=pretrained, batch_size=batch_size,
-                                    workers=workers, device=device, val_ratio=val_ratio, seed=seed)
-    else:
-        check_features_match(features, index, backbone, weights=weights, weights_config=weights_config,
-                             pretrained=pretrained)
+                                    workers=workers, device=device, val_ratio=val_ratio, seed=seed,
+                                    **FEATURE_SETTINGS)
     features_s = time.perf_counter() - started
     table, metadata = read_features(features)
     signatures = thumbnail_signatures([index.root / path for path in table.paths])
@@ -138,24 +144,26 @@ def audit(data, backbone: str, *, weights=None, weights_config=None, pretrained:
 
 def check_features_match(path, index, backbone: str, *, weights=None, weights_config=None,
                          pretrained: bool = True) -> None:
-    """Refuse a features file made from other weights, another backbone or other data than this audit's."""
-    from transferkit.features.feature_file import feature_identity_mismatch, read_metadata
+    """Refuse a features file made from other weights, another backbone, pooling, layer or TTA, or other data
+    than this audit's: every key of the features identity (:data:`~transferkit.features.feature_file.IDENTITY_KEYS`)."""
+    from transferkit.features.feature_file import IDENTITY_KEYS, feature_identity_mismatch, read_metadata
     from transferkit.models.backbones import backbone_identity
-    from transferkit.models.embedding import build_feature_model
+    from transferkit.models.embedding import build_feature_model, feature_dim
 
     metadata = read_metadata(path)
     model, preprocessing = build_feature_model(backbone, weights=weights, weights_config=weights_config,
                                                pretrained=pretrained)
     identity = backbone_identity(model)
-    expected = {"backbone": identity["backbone"], "weights": identity["weights"],
-                "model_kwargs": identity["model_kwargs"], **preprocessing.to_metadata()}
-    differ = feature_identity_mismatch(metadata, expected)
+    ours = {**identity, **preprocessing.to_metadata(), **FEATURE_SETTINGS,
+            "feature_dim": feature_dim(model, FEATURE_SETTINGS["pool"], FEATURE_SETTINGS["layer"])}
+    differ = feature_identity_mismatch(metadata, {key: ours[key] for key in IDENTITY_KEYS})
     if identity["weights"] == "random-init":
         differ.append("weights (random-init: two random backbones are never the same)")
     if differ:
-        raise TransferkitError(f"features file {path} was made with other {', '.join(differ)} than this audit's "
-                               f"{backbone} (weights {identity['weights']}); drop --features to extract afresh, "
-                               "or pass the matching --backbone/--weights")
+        raise TransferkitError(f"features file {path} was made with other {', '.join(differ)} than this audit uses "
+                               f"({backbone}, weights {identity['weights']}, pool {FEATURE_SETTINGS['pool']} of the "
+                               "last layer, no TTA); drop --features to extract afresh, or pass the matching "
+                               "--backbone/--weights")
     dataset = metadata.get("dataset", {})
     if dataset.get("fingerprint") != index.fingerprint() or metadata.get("split") != "all":
         raise TransferkitError(f"features file {path} was made from other data (or another split, val ratio, seed) "
@@ -222,6 +230,12 @@ def _add_label_issues(report: AuditReport, table, *, folds: int, seed: int) -> N
         small = [report.classes[c] for c in np.flatnonzero((counts > 0) & (counts < 2))]
         report.label_check = {"skipped": f"needs two classes with 2+ images each (too few: {', '.join(small)})"}
         return
+    used = min(folds, int(present.min()))  # as out_of_fold_probabilities caps them
+    smallest_fit = len(table) - int(np.ceil(present / used).sum())  # stratified: the largest held-out fold
+    if smallest_fit <= len(present):  # LDA needs more images than classes in each fold it is fitted on
+        report.label_check = {"skipped": f"needs more images than classes ({len(present)}) in each of the {used} "
+                                         f"cross-validation folds; {len(table)} images are too few"}
+        return
     issues = find_label_suspects(table.vectors, table.label_index, len(report.classes), folds=folds, seed=seed)
     report.label_check = {"classifier": CLASSIFIER,
                           "folds": issues.folds,
@@ -251,9 +265,9 @@ def write_outputs(report: AuditReport, table, out: Path, *, top: int = DEFAULT_T
         "label issues (given → suggested, score)": [
             {"path": root / s["path"], "caption": f"{s['label']} → {s['suggested']} ({s['score']:.3f})"}
             for s in report.label_issues[:top]],
-        "near-duplicates (group, split/label, similarity)": [
-            {"path": root / f["path"], "caption": f"#{g_i} {f['split']}/{f['label']} ({g['max_similarity']:.3f})"}
-            for g_i, g in enumerate(report.near_duplicates[:max(1, top // 2)]) for f in g["files"][:2]],
+        "near-duplicate groups, every member (group, split/label, similarity)": [  # one row per group (issue 25)
+            [{"path": root / f["path"], "caption": f"#{g_i} {f['split']}/{f['label']} ({g['max_similarity']:.3f})"}
+             for f in g["files"]] for g_i, g in enumerate(report.near_duplicates[:max(1, top // 2)])],
         "outliers (label, distance)": [
             {"path": root / s["path"], "caption": f"{s['label']} ({s['score']:.2f})"} for s in report.outliers[:top]],
     }
@@ -310,13 +324,34 @@ def write_clean_csv(report: AuditReport, index, target: str | os.PathLike, *, re
     return target
 
 
+def _check_out(out: Path) -> None:
+    """``out`` is a new or empty folder or an earlier audit's (complete: its report.json; interrupted: nothing but
+    the audit's own file names), so the report and PNGs never replace a user's or a run's files."""
+    if out.exists() and not out.is_dir():
+        raise TransferkitError(f"--out {out} is a file; the audit writes a folder (report.json, PNGs, features)")
+    entries = {p.name for p in out.iterdir() if not p.name.startswith(".")} if out.is_dir() else set()
+    if entries and not (_is_audit_report(out / "report.json")
+                        or (entries <= set(OUTPUT_FILES) and "report.json" not in entries)):
+        raise TransferkitError(f"--out {out} holds files that are not an earlier audit's; the audit never "
+                               "replaces them: choose a new or empty folder")
+    check_writable_file(out / "report.json", "--out")
+
+
+def _is_audit_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"summary", "label_check", "exit_code"} <= report.keys()
+
+
 def _check_clean_target(target) -> Path:
     target = Path(target)
     if target.suffix.lower() != ".csv":
         raise TransferkitError(f"--write-clean {target} must end in .csv (path,label,split, as `finetune --data` reads)")
     if target.exists():
         raise TransferkitError(f"{target} already exists; choose another --write-clean path or remove it")
-    return target
+    return check_writable_file(target, "--write-clean")
 
 
 def _track(report: AuditReport, index, out: Path, *, tracking_uri, experiment) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 from transferkit import params
 from transferkit.core.fileio import atomic_path
 from transferkit.errors import TransferkitError
-from transferkit.features.feature_file import FORMAT, SUFFIXES, feature_writer, is_up_to_date
+from transferkit.features.feature_file import FORMAT, SUFFIXES, feature_writer, is_up_to_date, read_metadata
 from transferkit.models.embedding import build_feature_model, check_pool, embed, feature_dim, resolve_layer
 from transferkit.version import __version__
 
@@ -92,6 +92,7 @@ def extract_features(backbone: str, data, out, *, weights=None, weights_config=N
     out = Path(out)
     _check_params(out, split=split, pool=pool, tta=tta, dtype=dtype, batch_size=batch_size, chunk_rows=chunk_rows,
                   resize_mode=resize_mode, workers=workers, val_ratio=val_ratio, seed=seed)
+    _refuse_other_file(out)
     index = discover(data, val_ratio=val_ratio, seed=seed)
     samples = index.samples if split == "all" else index.split(split)
     if not samples:
@@ -191,6 +192,16 @@ _PARAMETER_CONSTRAINTS = {
     "batch_size": params.BATCH_SIZE, "chunk_rows": params.Interval(int, 1, None), "resize_mode": params.RESIZE_MODE,
     "workers": params.WORKERS.allowing(None), "val_ratio": params.VAL_RATIO, "seed": params.SEED,
 }
+
+
+def _refuse_other_file(out: Path) -> None:
+    """An existing ``out`` is replaced only when it is a features file (issue 24: never a user's parquet)."""
+    if out.exists() or out.is_symlink():
+        try:
+            read_metadata(out)
+        except TransferkitError:
+            raise TransferkitError(f"--out {out} already exists and is not a features file; extract never replaces "
+                                   "other files: choose another --out") from None
 
 
 def _check_params(out: Path, **values) -> None:

@@ -22,10 +22,11 @@ from timm.data import resolve_model_data_config
 
 from transferkit.core.fileio import sha256_file
 from transferkit.errors import TransferkitError
+from transferkit.models import names
+from transferkit.models.names import WEIGHTS_DIR_ENV, is_hub_name, weights_file_name  # noqa: F401  (re-exported)
 from transferkit.models.preprocessing import Preprocessing
 from transferkit.models.saved_model import read_checkpoint_metadata
 
-WEIGHTS_DIR_ENV = "TRANSFERKIT_WEIGHTS_DIR"
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 _HUB_PROBE = ("huggingface.co", 443)
 
@@ -51,8 +52,10 @@ def load_backbone(
     ``resize_mode`` (crop, squash, letterbox) overrides the crop mode; None keeps the one the weights state
     (a checkpoint's), else the backbone's own.
     """
+    if not names.names_file().is_file():
+        names.store_names(timm)  # timm is imported now: later usage errors need not wait for it
     if not (timm.is_model(name) or is_hub_name(name)):
-        raise TransferkitError(f"unknown backbone {name!r}; run `transferkit backbones '*{name[:4]}*'` to list names")
+        raise names.unknown_backbone(name, timm.list_models())
     source = _resolve_source(name, weights, pretrained)
     stated = _stated_config(source, weights_config)
     if stated.get("backbone") not in (None, name):
@@ -75,20 +78,23 @@ def load_backbone(
     preprocessing = Preprocessing.resolve(data_config, resize_mode or stated.get("resize_mode"))
     model.pretrained_cfg = {**model.pretrained_cfg, **preprocessing.data_config}
     model.transferkit_info = {"backbone": name, "model_kwargs": kwargs, "weights": identity}
+    model.transferkit_weights_source = _describe_source(source, weights, identity)
     return model, preprocessing
 
 
-def is_hub_name(name: str) -> bool:
-    """``hf-hub:org/name``: a model on the Hugging Face hub that timm builds from its own config there."""
-    return name.startswith("hf-hub:")
+def weights_source(model: torch.nn.Module) -> str:
+    """Where ``model``'s weights came from, for a person: the file (and whether the weights folder chose it) and
+    its sha256, or the hub tag, or random init."""
+    return getattr(model, "transferkit_weights_source", None) or backbone_identity(model).get("weights", "unknown")
 
 
-def weights_file_name(name: str) -> str:
-    """The file ``$TRANSFERKIT_WEIGHTS_DIR`` holds for ``name``: ``<name>.safetensors``, an ``hf-hub:org/x`` name
-    made one file name (``hf-hub-org-x.safetensors``)."""
-    from transferkit.core.fileio import safe_name
-
-    return f"{safe_name(name)}.safetensors"
+def _describe_source(source, weights, identity: str) -> str:
+    if not isinstance(source, Path):
+        return identity.replace("hub:", "hub ") if source == "hub" else "random init (--no-pretrained)"
+    sidecars = [p.name for p in (source.with_name(source.name + ".json"), source.with_suffix(".json")) if p.is_file()]
+    where = "file" if weights is not None else f"${WEIGHTS_DIR_ENV}"
+    return (f"{where} {source} (sha256 {identity.removeprefix('sha256:')[:12]}…"
+            + (f", config {sidecars[0]}" if sidecars else "") + ")")
 
 
 def resolve_data_config(model: torch.nn.Module, overrides: Mapping[str, Any] | None = None) -> dict:
@@ -109,6 +115,8 @@ def backbone_identity(model: torch.nn.Module) -> dict:
 
 
 def list_backbones(pattern: str = "", pretrained: bool = False) -> list[str]:
+    if not names.names_file().is_file():
+        names.store_names(timm)
     return timm.list_models(pattern or "", pretrained=pretrained)
 
 

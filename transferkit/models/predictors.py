@@ -31,11 +31,15 @@ def load_predictor(spec: str | os.PathLike, device: str | torch.device = "cpu") 
         return ClassifierPredictor.from_checkpoint(path, metadata, torch.device(device))
     if kind == "svm":
         return SVMPredictor.from_checkpoint(path, metadata, torch.device(device))
-    raise TransferkitError(f"{path} has unknown model kind {kind!r}; expected classifier or svm")
+    if kind == "ensemble":
+        return EnsemblePredictor.from_checkpoint(path, metadata, torch.device(device))
+    raise TransferkitError(f"{path} has unknown model kind {kind!r}; expected classifier, svm or ensemble")
 
 
 class Predictor:
     """Images in, class probabilities out, with the model's own preprocessing."""
+
+    members: tuple[Predictor, ...] = ()  # an ensemble's models, each with its own preprocessing
 
     def __init__(self, metadata: Mapping, device: torch.device):
         self.metadata = dict(metadata)
@@ -116,3 +120,70 @@ class SVMPredictor(Predictor):
             vectors = embed(self.model, to_device(batch, self.device), pool=self.metadata["pool"],
                             layer=self.layer_index, tta=self.metadata.get("tta", "none"))
         return head_probabilities(self.head, vectors.float().cpu().numpy(), len(self.class_names))
+
+
+class EnsemblePredictor(Predictor):
+    """Several saved models, each with its own preprocessing, averaged on calibrated probabilities.
+
+    The ensemble's checkpoint holds no weights: its metadata names the members (paths relative to it) with
+    the sha256 they had when the ensemble was made, and their weights in the average.
+    """
+
+    def __init__(self, members: list[Predictor], weights: np.ndarray, metadata: Mapping):
+        self.metadata = dict(metadata)
+        self.class_names = list(metadata["class_names"])
+        self.task = task_of(metadata)
+        self.members = tuple(members)
+        self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        # the first member's, for what needs one input (a CAM, a served page); scoring uses each member's own
+        self.preprocessing = members[0].preprocessing
+        self.device = members[0].device
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, metadata: Mapping, device: torch.device) -> EnsemblePredictor:
+        members = [load_predictor(check_member(path.parent, entry), device) for entry in metadata["members"]]
+        return cls(members, [entry["weight"] for entry in metadata["members"]], metadata)
+
+    def combine(self, member_probabilities) -> np.ndarray:
+        """The weighted mean of the members' probabilities (each ``[N, C]``, in the ensemble's class order),
+        re-scaled by the ensemble's own temperature (1 unless fitted on a val split)."""
+        mean = np.tensordot(self.weights, np.stack(member_probabilities), axes=1)
+        return rescale(mean, float(self.metadata.get("temperature", 1.0))).astype(np.float32)
+
+    def predict_proba(self, images, batch_size: int = 32) -> np.ndarray:
+        images = list(images)
+        return self.combine([member.predict_proba(images, batch_size) for member in self.members])
+
+    def predict_proba_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        raise TransferkitError("an ensemble's members each preprocess images their own way; pass images, "
+                               "not a preprocessed batch")
+
+
+def rescale(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(log(p) / T)`` row by row: probabilities re-scaled as logits are by a temperature."""
+    if temperature == 1.0:
+        return probabilities
+    logits = np.log(np.clip(probabilities, 1e-12, None)) / temperature
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def member_fingerprint(checkpoint: Path) -> str:
+    """sha256 of a member's checkpoint, and of an SVM member's head file with it: what must not change."""
+    from transferkit.core.fileio import sha256_file
+
+    digest = sha256_file(checkpoint)
+    head = read_checkpoint_metadata(checkpoint).get("head_file")
+    return digest + (":" + sha256_file(checkpoint.with_name(head)) if head else "")
+
+
+def check_member(folder: Path, entry: Mapping) -> Path:
+    """An ensemble member's checkpoint, refused when it is gone or changed since the ensemble was made."""
+    checkpoint = (folder / entry["path"]).resolve()
+    if not checkpoint.is_file():
+        raise TransferkitError(f"ensemble member {checkpoint} is missing; the ensemble in {folder} needs it "
+                               "where it was (rebuild the ensemble to use other members)")
+    if member_fingerprint(checkpoint) != entry["sha256"]:
+        raise TransferkitError(f"ensemble member {checkpoint} changed since the ensemble in {folder} was made "
+                               "(sha256 differs); rebuild the ensemble with `transferkit ensemble`")
+    return checkpoint

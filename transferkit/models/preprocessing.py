@@ -9,9 +9,16 @@ export checks and CAMs.
 
 The eval transform *is* timm's own (``timm.data.create_transform(**data_config, is_training=False)``: PIL
 resize with antialiasing, centre crop or pad, normalize), so features match what the backbone was
-benchmarked with. The only step of ours in front of it is the JPEG draft decode (:attr:`decode_short_side`,
-see :func:`transferkit.data.decode.load_image`), which decodes large JPEGs at a reduced DCT scale that still
-leaves a margin above the pixels the resize reads (``docs/benchmarks/preprocessing.md``: what it costs and saves).
+benchmarked with. It runs fused (:class:`EvalTransform`): timm's resize and crop become one antialiased PIL
+resize of the region the crop keeps, planned on the full-resolution frame even when a JPEG was draft-decoded
+(:attr:`decode_short_side`, :func:`transferkit.data.decode.load_scaled`), within a grey level or two of timm's.
+
+Loaders carry uint8 pixels: a transform's :meth:`~EvalTransform.pixels` is what DataLoader workers compute and
+batch (a quarter of the bytes of float32, no float work in the workers), and :meth:`Preprocessing.normalize` —
+timm's ``ToTensor`` + ``Normalize`` on the whole batch, after it reached the device — turns a batch into the
+model's input (:func:`transferkit.data.dataset.make_loader` does it). Called on one image, a transform returns
+that normalised tensor itself, so what every other consumer (predict, export, the MLflow model, serve) feeds
+the model is unchanged.
 """
 
 from __future__ import annotations
@@ -24,11 +31,16 @@ import numpy as np
 import torch
 
 from transferkit import params
+from transferkit.data.decode import ScaledImage
 from transferkit.errors import TransferkitError
 
 CROP_MODES = {"crop": "center", "squash": "squash", "letterbox": "border"}  # resize mode -> timm crop_mode
 RESIZE_MODE_OF = {crop_mode: mode for mode, crop_mode in CROP_MODES.items()}
 MIN_ENLARGE = 1 / 0.875  # five-crop / squash-letterbox training zoom when crop_pct is 1
+# PIL's reducing_gap for the eval resize: a downscale of 6x or more (a large PNG, or any image decoded at full scale)
+# is first box-reduced by an integer factor. Halves that resize's cost at a mean cosine of 0.99985 to timm's on 8 MP
+# photos (docs/benchmarks/input.md); a draft-decoded JPEG never gets there (its DCT scale did the reducing).
+REDUCING_GAP = 3.0
 
 
 @dataclass(frozen=True)
@@ -107,11 +119,23 @@ class Preprocessing:
 
     # ------------------------------------------------------------------ transforms
 
-    def eval_transform(self) -> ImageTransform:
-        """timm's own eval transform; takes an HWC uint8 array or a PIL image, returns a CHW float tensor."""
+    def eval_transform(self) -> EvalTransform:
+        """timm's own eval transform, fused; takes an HWC uint8 array, a PIL image or a
+        :class:`~transferkit.data.decode.ScaledImage`, returns a normalised CHW float tensor (``.pixels``: uint8)."""
+        return EvalTransform(self)
+
+    def reference_transform(self):
+        """timm's eval transform as timm builds it (torchvision Compose): what :meth:`eval_transform` reproduces."""
         from timm.data import create_transform
 
-        return ImageTransform(create_transform(**self.data_config, is_training=False))
+        return create_transform(**self.data_config, is_training=False)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[..., 3, H, W]`` pixels → the model's float32 input, on their device and in their memory format:
+        exactly timm's ``ToTensor`` + ``Normalize``, for a whole batch at once."""
+        mean = torch.tensor(self.mean, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device).view(3, 1, 1)
+        return pixels.float().div_(255).sub_(mean).div_(std)
 
     def train_transform(self, augmentation) -> TrainTransform:
         """``augmentation`` (an albumentations pipeline, a preset name or a YAML path), then the fit to the input.
@@ -144,7 +168,7 @@ class Preprocessing:
                      if height == width else ResizeKeepRatio((height, width), interpolation=self.interpolation)]
         else:  # squash / border at the enlarged size: timm's own steps without the tensor tail
             enlarged = replace(self, input_size=(3, height, width), crop_pct=1.0)
-            steps = enlarged.eval_transform().transform.transforms[:-2]
+            steps = enlarged.reference_transform().transforms[:-2]
         return ImageTransform(transforms.Compose([*steps, *(self._to_normalized_tensor() if tensor else [])]))
 
     def full_frame_transform(self, short_side: int) -> ImageTransform:
@@ -177,7 +201,118 @@ class Preprocessing:
         from torchvision import transforms
 
         return [f"Normalize(mean={list(self.mean)}, std={list(self.std)})" if isinstance(step, transforms.Normalize)
-                else repr(step) for step in self.eval_transform().transform.transforms]
+                else repr(step) for step in self.reference_transform().transforms]
+
+
+class EvalTransform:
+    """timm's eval transform run as one antialiased PIL resize of the region its crop keeps.
+
+    timm resizes the whole frame, then crops (or pads) the centre; resizing only the kept region with PIL's
+    ``box`` gives the same pixels — PIL's filter reads outside the box as a full resize does — for about half the
+    work. The geometry is planned from timm's own steps on the full-resolution size, so a draft-decoded JPEG is
+    cut exactly where a full decode would be (``docs/benchmarks/input.md``: cost and parity of each step).
+    Steps this plan does not know run as timm's own transform.
+    """
+
+    def __init__(self, preprocessing: Preprocessing):
+        from torchvision import transforms
+
+        self.reference = preprocessing.reference_transform()
+        self.geometry = transforms.Compose(self.reference.transforms[:-2])  # timm's own, for an unknown plan
+        self.normalize = preprocessing.normalize
+        self.plan = _fused_plan(self.reference.transforms[:-2])
+
+    def pixels(self, image) -> torch.Tensor:
+        """The uint8 ``(3, H, W)`` pixels of timm's eval transform (before its ToTensor + Normalize)."""
+        scaled = image if isinstance(image, ScaledImage) else None
+        img = as_pil(image.image if scaled else image)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        if self.plan is None:
+            return chw_pixels(self.geometry(img))
+        full = scaled.full_size if scaled else img.size
+        per_pixel = scaled.scale if scaled else 1
+        return chw_pixels(np.asarray(self.plan.apply(img, full, per_pixel)))
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.normalize(self.pixels(image))
+
+
+@dataclass(frozen=True)
+class _FusedPlan:
+    """timm's resize step (to a size computed from the frame) and centre crop/pad step, as numbers."""
+
+    resize: object  # the torchvision Resize or timm ResizeKeepRatio
+    crop_hw: tuple[int, int]
+    fill: tuple[int, int, int]
+    resample: int  # PIL filter
+    reducing_gap: float | None = REDUCING_GAP  # None: exactly timm's resize
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) timm's resize step gives a ``width x height`` frame."""
+        from torchvision import transforms
+
+        if isinstance(self.resize, transforms.Resize):
+            size = self.resize.size
+            if isinstance(size, int) or len(size) == 1:
+                short = size if isinstance(size, int) else size[0]
+                long = int(short * max(width, height) / min(width, height))
+                return (short, long) if width <= height else (long, short)
+            return int(size[1]), int(size[0])
+        target_h, target_w = self.resize.size  # ResizeKeepRatio.get_params without its random factors
+        ratio_h, ratio_w = height / target_h, width / target_w
+        ratio = max(ratio_h, ratio_w) * self.resize.longest + min(ratio_h, ratio_w) * (1.0 - self.resize.longest)
+        return round(width / ratio), round(height / ratio)
+
+    def window(self, width: int, height: int) -> tuple[int, int]:
+        """(left, top) of the crop in the resized frame (negative where it pads), as center_crop_or_pad has it."""
+        crop_h, crop_w = self.crop_hw
+        pad_l, pad_t = max(0, (crop_w - width) // 2), max(0, (crop_h - height) // 2)
+        padded_w = width + pad_l + max(0, (crop_w - width + 1) // 2)
+        padded_h = height + pad_t + max(0, (crop_h - height + 1) // 2)
+        return int(round((padded_w - crop_w) / 2.0)) - pad_l, int(round((padded_h - crop_h) / 2.0)) - pad_t
+
+    def apply(self, img, full_size: tuple[int, int], per_pixel: int):
+        """``img`` (the frame of ``full_size``, decoded at 1/``per_pixel``) resized + cropped in one resample."""
+        from PIL import Image
+
+        full_w, full_h = full_size
+        resized_w, resized_h = self.resized_size(full_w, full_h)
+        left, top = self.window(resized_w, resized_h)
+        crop_h, crop_w = self.crop_hw
+        x0, y0 = max(0, left), max(0, top)
+        x1, y1 = min(resized_w, left + crop_w), min(resized_h, top + crop_h)
+        sx, sy = full_w / resized_w / per_pixel, full_h / resized_h / per_pixel
+        if (resized_w, resized_h) == img.size:  # timm's resize is a no-op here
+            part = img.crop((x0, y0, x1, y1))
+        else:
+            part = img.resize((x1 - x0, y1 - y0), self.resample, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy),
+                              reducing_gap=self.reducing_gap)
+        if (x0, y0, x1 - x0, y1 - y0) == (left, top, crop_w, crop_h):
+            return part
+        canvas = Image.new("RGB", (crop_w, crop_h), self.fill)
+        canvas.paste(part, (x0 - left, y0 - top))
+        return canvas
+
+
+def _fused_plan(steps) -> _FusedPlan | None:
+    """The plan of timm's geometric eval steps, or None for a sequence other than one resize + one centre crop."""
+    from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
+    from torchvision import transforms
+    from torchvision.transforms.functional import pil_modes_mapping
+
+    if len(steps) != 2:
+        return None
+    resize, crop = steps
+    plain_resize = isinstance(resize, transforms.Resize) and resize.max_size is None
+    keep_ratio = isinstance(resize, ResizeKeepRatio) and resize.random_scale_prob == resize.random_aspect_prob == 0
+    if not (plain_resize or keep_ratio) or type(crop) not in (transforms.CenterCrop, CenterCropOrPad):
+        return None
+    if isinstance(resize.interpolation, (tuple, list)):
+        return None
+    fill = getattr(crop, "fill", 0)
+    fill = tuple(int(v) for v in fill) if isinstance(fill, (tuple, list)) else (int(fill),) * 3
+    return _FusedPlan(resize, tuple(int(v) for v in crop.size), fill, pil_modes_mapping[resize.interpolation])
 
 
 class ImageTransform:
@@ -192,31 +327,37 @@ class ImageTransform:
 
 
 class TrainTransform:
-    """User augmentation (albumentations, on the decoded array), then the fit to the model input."""
+    """User augmentation (albumentations, on the decoded array), then the fit to the model input; ``pixels``
+    stops before normalisation, as :meth:`EvalTransform.pixels` does."""
 
     def __init__(self, preprocessing: Preprocessing, augmentation):
         import albumentations as A
-        from torchvision import transforms
 
         from transferkit.data.augment import retarget_sized_crops
 
         height, width = preprocessing.input_hw
         interpolation = cv2_interpolation(preprocessing.interpolation)
         self.augmentation = augmentation
+        self.normalize = preprocessing.normalize
         sized = retarget_sized_crops(augmentation, (height, width), interpolation)
         self.head = preprocessing.enlarged_fit(tensor=False) if sized and preprocessing.resize_mode != "crop" else None
-        if sized:  # the crop already gives the input size; the resize is a guarantee, a no-op at that size
-            self.tail = A.Compose([A.Resize(height, width, interpolation=interpolation)])
-            self.to_tensor = transforms.Compose(preprocessing._to_normalized_tensor())
-        else:
-            self.tail, self.to_tensor = None, preprocessing.eval_transform()
+        # the crop already gives the input size; the resize is a guarantee, a no-op at that size
+        self.tail = A.Compose([A.Resize(height, width, interpolation=interpolation)]) if sized else None
+        self.fit = None if sized else preprocessing.eval_transform()
+
+    def pixels(self, image) -> torch.Tensor:
+        scaled = image if isinstance(image, ScaledImage) else None
+        array = scaled.array() if scaled else np.asarray(image)
+        image = np.asarray(self.head(array) if self.head is not None else array)
+        augmented = self.augmentation(image=image)["image"]
+        if self.tail is not None:
+            return chw_pixels(self.tail(image=augmented)["image"])
+        if scaled is not None and augmented.shape == array.shape:  # flips and colour keep the draft's geometry
+            augmented = scaled._replace(image=as_pil(augmented))
+        return self.fit.pixels(augmented)
 
     def __call__(self, image) -> torch.Tensor:
-        image = np.asarray(self.head(image) if self.head is not None else image)
-        image = self.augmentation(image=image)["image"]
-        if self.tail is not None:
-            image = self.tail(image=image)["image"]
-        return self.to_tensor(image)
+        return self.normalize(self.pixels(image))
 
     def set_random_seed(self, seed: int) -> None:
         """Albumentations keeps one random stream per pipeline; DataLoader workers reseed it."""
@@ -246,6 +387,11 @@ class TTAViews:
         if self.mode in ("hflip", "ten-crop"):  # normalisation is per pixel, so flipping after it is exact
             views = torch.cat([views, views.flip(-1)])
         return views
+
+
+def chw_pixels(image) -> torch.Tensor:
+    """An HWC uint8 array (or PIL image) as a contiguous ``(3, H, W)`` uint8 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
 
 
 def as_pil(image):

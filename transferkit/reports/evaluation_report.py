@@ -51,10 +51,14 @@ def write_report(folder: Path, result: dict, paths: Sequence, y_true: np.ndarray
     write_rows([{"path": str(p), "true": class_names[t], "pred": class_names[y], "prob": float(row[y]),
                  "correct": bool(t == y), **{f"prob_{name}": float(v) for name, v in zip(class_names, row)}}
                 for p, t, y, row in zip(paths, y_true, y_pred, probs)], folder / "predictions.csv")
-    plots.confusion_matrix_png(result["confusion_matrix"], class_names, folder / "confusion_matrix.png", normalize=False)
-    plots.confusion_matrix_png(result["confusion_matrix"], class_names, folder / "confusion_matrix_normalized.png")
-    plots.reliability_png(y_true, probs, folder / "reliability.png")
-    plots.error_gallery_png(worst_errors(paths, y_true, probs, GALLERY_SIZE), folder / "errors.png", class_names)
+    subject = plots.evaluation_subject(result.get("model"), result["split"], len(y_true))  # in every title
+    plots.confusion_matrix_png(result["confusion_matrix"], class_names, folder / "confusion_matrix.png", normalize=False,
+                               subject=subject)
+    plots.confusion_matrix_png(result["confusion_matrix"], class_names, folder / "confusion_matrix_normalized.png",
+                               subject=subject)
+    plots.reliability_png(y_true, probs, folder / "reliability.png", subject=subject)
+    plots.error_gallery_png(worst_errors(paths, y_true, probs, GALLERY_SIZE), folder / "errors.png", class_names,
+                            subject=subject)
 
 
 def per_class_table(metrics: Mapping) -> str:

@@ -27,8 +27,13 @@ CURVE_PANELS = (
 )
 
 
-def confusion_matrix_png(cm, class_names: Sequence[str], out: str | os.PathLike, normalize: bool = True) -> Path:
-    """Rows are true classes; ``normalize`` divides each row by its support (recall on the diagonal)."""
+def confusion_matrix_png(cm, class_names: Sequence[str], out: str | os.PathLike, normalize: bool = True,
+                         subject: str = "") -> Path:
+    """Rows are true classes; ``normalize`` divides each row by its support (recall on the diagonal).
+
+    ``subject`` (every figure of an evaluation takes one): the model and split shown, e.g. ``run-a · val``,
+    put in the title so a PNG seen alone — in the MLflow artifact view, in a report — says what it shows.
+    """
     from sklearn.metrics import ConfusionMatrixDisplay
 
     cm = np.asarray(cm, dtype=np.float64)
@@ -42,35 +47,51 @@ def confusion_matrix_png(cm, class_names: Sequence[str], out: str | os.PathLike,
         ax=ax, cmap="Blues", colorbar=True, xticks_rotation="vertical",
         include_values=len(class_names) <= MAX_ANNOTATED_CLASSES, values_format=".2f" if normalize else ".0f",
     )
-    ax.set_title("confusion matrix (row-normalized)" if normalize else "confusion matrix (counts)")
+    ax.set_title(_titled("confusion matrix (row-normalized)" if normalize else "confusion matrix (counts)", subject))
     return _save(fig, out)
 
 
-def reliability_png(y_true, probs, out: str | os.PathLike) -> Path:
-    """Accuracy against confidence per bin, with the share of samples per bin below; ECE in the title."""
+def reliability_png(y_true, probs, out: str | os.PathLike, subject: str = "") -> Path:
+    """Accuracy against confidence per bin, with the number of samples per bin below; ECE in the title.
+
+    Each bin is a blue accuracy bar; its mean confidence is a black tick across the bar and the gap between
+    them is hatched (red: over-confident, orange: under-confident), so the two never hide one another.
+    """
+    from matplotlib.patches import Patch
+
     from transferkit.reports.metrics import calibration_bins, expected_calibration_error
 
     bins = calibration_bins(y_true, probs)
     edges, count = bins["edges"], bins["count"]
     centres = (edges[:-1] + edges[1:]) / 2
-    width = edges[1] - edges[0]
+    width = (edges[1] - edges[0]) * 0.8
     used = count > 0
+    accuracy, confidence = bins["accuracy"][used], bins["confidence"][used]
     fig = _figure(5.5, 6.5)
     ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    ax.bar(centres[used], bins["accuracy"][used], width=width, edgecolor="black", color="tab:blue", label="accuracy")
-    ax.bar(centres[used], bins["confidence"][used] - bins["accuracy"][used], bottom=bins["accuracy"][used],
-           width=width, color="tab:red", alpha=0.3, edgecolor="tab:red", label="gap to confidence")
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    ax.set(ylim=(0, 1), ylabel="accuracy",
-           title=f"reliability (ECE {expected_calibration_error(y_true, probs):.3f}, n={int(count.sum())})")
-    ax.legend(loc="upper left")
-    hist.bar(centres, count / max(count.sum(), 1), width=width, color="gray", edgecolor="black")
-    hist.set(xlim=(0, 1), xlabel="confidence (max probability)", ylabel="share")
+    ax.bar(centres[used], accuracy, width=width, color="tab:blue", alpha=0.8)
+    over = confidence > accuracy
+    ax.bar(centres[used], np.abs(confidence - accuracy), bottom=np.minimum(accuracy, confidence), width=width,
+           facecolor="none", hatch="///", edgecolor=np.where(over, "tab:red", "tab:orange"), linewidth=1)
+    ax.hlines(confidence, centres[used] - width / 2, centres[used] + width / 2, color="black", linewidth=2)
+    ax.plot([0, 1], [0, 1], "--", color="gray")
+    ax.set(ylim=(0, 1.02), ylabel="accuracy", title=_titled(
+        f"reliability (ECE {expected_calibration_error(y_true, probs):.3f}, n={int(count.sum())})", subject))
+    ax.legend(handles=[Patch(color="tab:blue", alpha=0.8, label="accuracy in bin"),
+                       ax.plot([], [], color="black", linewidth=2, label="mean confidence in bin")[0],
+                       Patch(facecolor="none", hatch="///", edgecolor="tab:red", label="over-confident gap"),
+                       Patch(facecolor="none", hatch="///", edgecolor="tab:orange", label="under-confident gap"),
+                       ax.plot([], [], "--", color="gray", label="perfect calibration")[0]],
+              loc="upper left", fontsize=8)
+    hist.bar(centres, count, width=width, color="gray")
+    for x, n in zip(centres[used], count[used]):
+        hist.annotate(str(int(n)), (x, n), ha="center", va="bottom", fontsize=7)
+    hist.set(xlim=(0, 1), ylim=(0, max(count.max(), 1) * 1.25), xlabel="confidence (max probability)", ylabel="images")
     return _save(fig, out)
 
 
 def error_gallery_png(items: Sequence[Mapping], out: str | os.PathLike, class_names: Sequence[str] | None = None,
-                      columns: int = 4) -> Path:
+                      columns: int = 4, subject: str = "") -> Path:
     """Thumbnails of ``items`` (``{path, true, pred, prob}``) titled true → pred (prob).
 
     ``true``/``pred`` may be class indices (named through ``class_names``) or names. An unreadable image
@@ -81,7 +102,7 @@ def error_gallery_png(items: Sequence[Mapping], out: str | os.PathLike, class_na
 
     if not items:
         fig = _figure(4, 1.5)
-        fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        fig.text(0.5, 0.5, _titled("no misclassified images", subject), ha="center", va="center")
         return _save(fig, out)
     columns = max(1, min(columns, len(items)))
     rows = math.ceil(len(items) / columns)
@@ -89,7 +110,7 @@ def error_gallery_png(items: Sequence[Mapping], out: str | os.PathLike, class_na
     for i, item in enumerate(items):
         _thumbnail(fig.add_subplot(rows, columns, i + 1), item["path"],
                    f"{name(item['true'])} → {name(item['pred'])} ({float(item['prob']):.2f})")
-    fig.suptitle("most confident errors (true → predicted)")
+    fig.suptitle(_titled("most confident errors (true → predicted)", subject))
     return _save(fig, out)
 
 
@@ -105,17 +126,41 @@ def _thumbnail(ax, path, caption: str) -> None:
     ax.axis("off")
 
 
-def suspect_gallery_png(sections: Mapping[str, Sequence[Mapping]], out: str | os.PathLike, columns: int = 6) -> Path:
-    """One block of thumbnails per section title, each item ``{path, caption}``; empty sections say so."""
-    layout = [(title, items, math.ceil(len(items) / columns)) for title, items in sections.items()]
-    heights = [2.7 * rows + 0.4 for _, _, rows in layout]
+def suspect_gallery_png(sections: Mapping[str, Sequence], out: str | os.PathLike, columns: int = 6) -> Path:
+    """One block of thumbnails per section title; empty sections say so.
+
+    A section's entries are items ``{path, caption}``, which flow row by row, or groups (lists of items, e.g.
+    every member of a near-duplicate group, train and val side alike), each on rows of its own.
+    """
+    layout = []
+    for title, entries in sections.items():
+        cells, count = _gallery_cells(entries, columns)
+        layout.append((title, cells, count, max((row for row, _, _ in cells), default=-1) + 1))
+    heights = [2.7 * rows + 0.4 for *_, rows in layout]
     fig = _figure(2.4 * columns, sum(heights))
-    for block, (title, items, rows) in zip(fig.subfigures(len(layout), 1, height_ratios=heights)
-                                           if len(layout) > 1 else [fig], layout):
-        block.suptitle(f"{title}: {len(items) or 'none'}", fontsize=10, x=0.01, ha="left")
-        for i, item in enumerate(items):
-            _thumbnail(block.add_subplot(rows, columns, i + 1), item["path"], item["caption"])
+    for block, (title, cells, count, rows) in zip(fig.subfigures(len(layout), 1, height_ratios=heights)
+                                                  if len(layout) > 1 else [fig], layout):
+        block.suptitle(f"{title}: {count or 'none'}", fontsize=10, x=0.01, ha="left")
+        for row, column, item in cells:
+            _thumbnail(block.add_subplot(rows, columns, row * columns + column + 1), item["path"], item["caption"])
     return _save(fig, out)
+
+
+def _gallery_cells(entries: Sequence, columns: int) -> tuple[list[tuple[int, int, Mapping]], int]:
+    """``([(row, column, item)], number of entries)``: items flow on, a group starts (and ends) its own rows."""
+    cells, row, column = [], 0, 0
+    for entry in entries:
+        group = not isinstance(entry, Mapping)
+        if group and column:
+            row, column = row + 1, 0
+        for item in entry if group else [entry]:
+            if column == columns:
+                row, column = row + 1, 0
+            cells.append((row, column, item))
+            column += 1
+        if group:
+            row, column = row + 1, 0
+    return cells, len(entries)
 
 
 def embedding_map_png(points: np.ndarray, labels: Sequence[int], class_names: Sequence[str],
@@ -146,26 +191,35 @@ def embedding_map_png(points: np.ndarray, labels: Sequence[int], class_names: Se
     return _save(fig, out)
 
 
-def training_curves_png(rows: Sequence[Mapping], out: str | os.PathLike) -> Path:
-    """Loss, accuracy (train, val) / val macro-F1 and learning rate per epoch.
+def training_curves_png(rows: Sequence[Mapping], out: str | os.PathLike, *, best_epoch: int | None = None,
+                        title: str = "") -> Path:
+    """Loss, accuracy (train, val) / val macro-F1 and learning rate per epoch, the kept epoch marked.
 
     ``rows`` are per-epoch dicts (e.g. read back from metrics.csv, so values may be strings or blank);
-    keys that are absent or empty are simply not drawn.
+    keys that are absent or empty are simply not drawn. Epoch 0 (LP-FT's probe: val scores only) is a point
+    like any other, so the saved model is on the chart even when it is the probe. Epoch ticks are integers.
     """
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [_number(row.get("epoch")) for row in rows]
     fig = _figure(13, 3.8)
-    for ax, (title, keys) in zip(fig.subplots(1, len(CURVE_PANELS)), CURVE_PANELS):
+    for ax, (panel, keys) in zip(fig.subplots(1, len(CURVE_PANELS)), CURVE_PANELS):
         for key in keys:
             points = [(e, _number(row.get(key))) for e, row in zip(epochs, rows)]
             points = [(e, v) for e, v in points if e is not None and v is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=key)
-        ax.set(title=title, xlabel="epoch")
-        if title == "learning rate":
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="tab:green", linestyle=":", label=f"kept: epoch {best_epoch}")
+        ax.set(title=panel, xlabel="epoch (0: LP-FT's probe)" if 0 in epochs else "epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if panel == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         if ax.lines:
-            ax.legend()
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     return _save(fig, out)
 
 
@@ -229,20 +283,75 @@ def cam_overlay_png(view: np.ndarray, heatmap: np.ndarray, out: str | os.PathLik
 def sweep_png(points: Sequence[Mapping], metric: str, out: str | os.PathLike) -> Path:
     """A sweep's trials: ``metric`` against the wall time at which each finished, and against model size.
 
-    ``points`` hold ``label``, ``value``, ``minutes`` (since the sweep began) and ``params_m`` (millions).
+    ``points`` hold ``trial`` (its number), ``label`` (its model), ``value``, ``minutes`` (since the sweep
+    began), ``params_m`` (millions) and ``winner`` (true for the sweep's winner, a red star labelled first).
     """
+    return _save(sweep_figure(points, metric), out)
+
+
+def sweep_figure(points: Sequence[Mapping], metric: str) -> Figure:
+    """:func:`sweep_png`'s figure. Trials at one spot share a label (``3, 5: resnet50``); every label takes the
+    first free place in its axes around its point, near to far (a leader line when far), so no label covers
+    another or a point."""
     fig = _figure(11, 4.5)
-    for ax, key, label in zip(fig.subplots(1, 2, sharey=True), ("minutes", "params_m"),
-                              ("wall time when finished (min)", "parameters (M)")):
-        ax.scatter([p[key] for p in points], [p["value"] for p in points], color="tab:blue")
-        for point in points:
-            ax.annotate(point["label"], (point[key], point["value"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+    axes = fig.subplots(1, 2, sharey=True)
+    points = sorted(points, key=lambda p: not p.get("winner"))  # the winner's label gets the nearest place
+    for ax, key, label in zip(axes, ("minutes", "params_m"), ("wall time when finished (min)", "parameters (M)")):
+        for winner, style in ((False, {"color": "tab:blue", "label": "trial"}),
+                              (True, {"color": "tab:red", "marker": "*", "s": 220, "zorder": 3, "label": "winner"})):
+            chosen = [p for p in points if bool(p.get("winner")) == winner]
+            if chosen:
+                ax.scatter([p[key] for p in chosen], [p["value"] for p in chosen], **style)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    fig.axes[0].set_ylabel(f"{metric} (best checkpoint)")
+        ax.margins(0.12, 0.15)  # room for labels inside the axes
+    axes[0].set_ylabel(f"{metric} (best checkpoint)")
+    axes[0].legend(loc="best", fontsize=8)
     fig.suptitle(f"sweep: {len(points)} trials")
-    return _save(fig, out)
+    fig.canvas.draw()  # the layout settles once; then labels are placed in its final pixels
+    fig.set_layout_engine("none")
+    for ax, key in zip(axes, ("minutes", "params_m")):
+        spots: dict[tuple, dict[str, list]] = {}
+        for point in points:
+            spots.setdefault((point[key], point["value"]), {}).setdefault(point["label"], []).append(point)
+        _place_labels(ax, [(xy, "; ".join(f"{', '.join(str(p['trial']) for p in same)}: {label}"
+                                          for label, same in models.items()),
+                            any(p.get("winner") for same in models.values() for p in same))
+                           for xy, models in spots.items()])
+    return fig
+
+
+def _place_labels(ax, labels: Sequence[tuple], rings: int = 12) -> None:
+    """Annotate each ``(xy, text, bold)`` at the first offset (rings of 8 directions, 8 to 8 + 12·rings points
+    out) where its box stays in the axes and meets no label or point already there; a far one gets a leader."""
+    renderer = ax.figure.canvas.get_renderer()
+    taken = [_box_around(ax.transData.transform(xy), 5 * ax.figure.dpi / 72) for xy, _, _ in labels]
+    if ax.get_legend() is not None:
+        taken.append(ax.get_legend().get_window_extent(renderer))
+    directions = ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))
+    offsets = [(dx * radius, dy * radius) for radius in (8 + 12 * ring for ring in range(rings)) for dx, dy in directions]
+    for xy, text, bold in labels:
+        for offset in offsets:  # none free within reach: the last, farthest one
+            dx, dy = np.sign(offset)
+            note = ax.annotate(text, xy, xytext=offset, textcoords="offset points", fontsize=7,
+                               fontweight="bold" if bold else "normal", annotation_clip=False,
+                               ha={1: "left", -1: "right"}.get(dx, "center"),
+                               va={1: "bottom", -1: "top"}.get(dy, "center"))
+            box = note.get_window_extent(renderer)
+            inside = ax.bbox.contains(box.x0, box.y0) and ax.bbox.contains(box.x1, box.y1)
+            if (inside and not any(box.overlaps(other) for other in taken)) or offset == offsets[-1]:
+                break
+            note.remove()
+        if max(map(abs, offset)) > offsets[0][0]:
+            ax.annotate("", xy, xytext=offset, textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6, "shrinkA": 0, "shrinkB": 3})
+        taken.append(box)
+
+
+def _box_around(centre, half: float):
+    from matplotlib.transforms import Bbox
+
+    return Bbox.from_extents(centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half)
 
 
 def class_map_png(view: np.ndarray, class_map: np.ndarray, class_names: Sequence[str], fractions: Mapping[str, float],
@@ -268,11 +377,13 @@ def class_map_png(view: np.ndarray, class_map: np.ndarray, class_names: Sequence
 
 
 def augmentation_preview_png(index_or_path, aug, preprocessing, out: str | os.PathLike, n: int = 16,
-                             seed: int = 0) -> Path:
-    """A grid of ``n`` augmented training samples captioned with their class, to eyeball a pipeline.
+                             seed: int = 0, versions: int = 4) -> Path:
+    """``n`` augmented training samples, each original beside its augmented versions, to eyeball a pipeline.
 
-    ``preprocessing`` (:class:`transferkit.models.preprocessing.Preprocessing`) supplies the fit to the input
-    and its inverse normalisation, so the tiles are exactly what the model is trained on.
+    One row per original image: first the image as validation sees it (the eval transform, captioned with its
+    class), then ``versions`` draws of the training transform of it (the last row may have fewer, ``n`` in
+    all). ``preprocessing`` (:class:`transferkit.models.preprocessing.Preprocessing`) supplies the fit to the
+    input and its inverse normalisation, so the tiles are exactly what the model sees.
     """
     from PIL import Image
 
@@ -284,36 +395,58 @@ def augmentation_preview_png(index_or_path, aug, preprocessing, out: str | os.Pa
         raise TransferkitError(f"-n must be at least 1, got {n}")
     index = index_or_path if isinstance(index_or_path, DatasetIndex) else discover(index_or_path, val_ratio=0.0)
     samples = index.split("train") or index.samples
-    transform = preprocessing.train_transform(aug)
+    transform, plain = preprocessing.train_transform(aug), preprocessing.eval_transform()
     transform.set_random_seed(seed)
-    picks = np.random.default_rng(seed).choice(len(samples), size=n, replace=len(samples) < n)
-    tiles = []
-    for i in picks:
+    originals = math.ceil(n / versions)
+    picks = np.random.default_rng(seed).choice(len(samples), size=originals, replace=len(samples) < originals)
+    rows = []
+    for row, i in enumerate(picks):
         sample = samples[int(i)]
-        image = transform(load_image(sample.path, preprocessing.decode_short_side))
-        tiles.append((Image.fromarray(preprocessing.denormalize(image)), index.classes[sample.label]))
-    canvas = _tile_grid(tiles)
+        image = load_image(sample.path, preprocessing.decode_short_side)
+        tiles = [(Image.fromarray(preprocessing.denormalize(plain(image))), f"{index.classes[sample.label]}: original")]
+        for k in range(min(versions, n - row * versions)):
+            tiles.append((Image.fromarray(preprocessing.denormalize(transform(image))), f"augmented {k + 1}"))
+        rows.append(tiles)
+    canvas = _tile_grid(rows)
     with atomic_path(out) as tmp:
         canvas.save(tmp, format="PNG")
     return Path(out)
 
 
-def _tile_grid(tiles: list, min_tile: int = 160, caption: int = 18, gap: int = 4):
+def _tile_grid(rows: list[list], min_tile: int = 160, caption: int = 18, gap: int = 4, divider: int = 8):
+    """A canvas of ``(image, caption)`` tiles, one list per row; the first column (the originals) is set off."""
     from PIL import Image, ImageDraw, ImageFont
 
-    columns = math.ceil(math.sqrt(len(tiles)))
-    rows = math.ceil(len(tiles) / columns)
-    width, height = tiles[0][0].size
+    columns = max(len(row) for row in rows)
+    width, height = rows[0][0][0].size
     zoom = max(1, math.ceil(min_tile / max(width, height)))  # tiny inputs are enlarged so captions fit
     cell_w, cell_h = width * zoom, height * zoom + caption
-    canvas = Image.new("RGB", (columns * (cell_w + gap) + gap, rows * (cell_h + gap) + gap), (255, 255, 255))
+    canvas = Image.new("RGB", (columns * (cell_w + gap) + gap + divider, len(rows) * (cell_h + gap) + gap),
+                       (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=caption - 4)
-    for k, (tile, label) in enumerate(tiles):
-        x, y = gap + (k % columns) * (cell_w + gap), gap + (k // columns) * (cell_h + gap)
-        canvas.paste(tile.resize((cell_w, height * zoom), Image.NEAREST), (x, y + caption))
-        draw.text((x + 2, y + 1), label, fill=(0, 0, 0), font=font)
+    for r, row in enumerate(rows):
+        for c, (tile, label) in enumerate(row):
+            x, y = gap + c * (cell_w + gap) + (divider if c else 0), gap + r * (cell_h + gap)
+            canvas.paste(tile.resize((cell_w, height * zoom), Image.NEAREST), (x, y + caption))
+            draw.text((x + 2, y + 1), label, fill=(0, 0, 0), font=font)
+    draw.line([(gap + cell_w + (gap + divider) // 2, 0), (gap + cell_w + (gap + divider) // 2, canvas.height)],
+              fill=(160, 160, 160), width=2)
     return canvas
+
+
+def evaluation_subject(model: str | None, split: str, n: int | None = None) -> str:
+    """What an evaluation's figures show: the model (its run or model folder's name, or its MLflow URI) and the
+    split, e.g. ``tf_efficientnet_lite0-full-20261204-192851 · val (22 images)``."""
+    name = str(model or "model")
+    if "://" not in name and not name.startswith(("runs:/", "models:/")):
+        path = Path(name)
+        name = path.parent.name if path.suffix in (".safetensors", ".json") else path.name
+    return f"{name} · {split}" + (f" ({n} images)" if n is not None else "")
+
+
+def _titled(text: str, subject: str) -> str:
+    return f"{subject}\n{text}" if subject else text
 
 
 def _figure(width: float, height: float) -> Figure:

@@ -7,6 +7,13 @@ With tracking on, the sweep is one MLflow parent run with every trial a nested c
 ranking, the leaderboard (:mod:`.leaderboard`), the winner's run id and the winner's model.
 """
 
-from transferkit.sweep.runner import SweepResult, sweep
-
 __all__ = ["SweepResult", "sweep"]
+
+
+def __getattr__(name: str):
+    """The runner (pandas, optuna) loads on first use: the CLI reads :mod:`.space`'s key lists at import time."""
+    if name in __all__:
+        from transferkit.sweep import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,8 @@ ImageNet Models Transfer Better?", CVPR 2019), so a logistic regression on scale
 stratified cross-validation on the train split, ranks backbones for a fraction of a finetune's cost and
 leaves the val split untouched for stage 2. Features are ``extract`` files under ``<out>/features/``: an
 up-to-date file (same backbone, weights, preprocessing and data) is reused, never extracted twice, and the
-linear-probe trials of stage 2 train on the same file.
+linear-probe trials of stage 2 train on the same file — pretrained weights only: the features of a random init
+(``pretrained: false``) belong to no other model, so each such trial computes its own backbone's.
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from transferkit import params
 from transferkit.choices import MONITORS
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, did_you_mean
 from transferkit.train.config import KEYS, read_recipe, resolve_config, value_type
 
 SWEEP_FILE_KEYS = ("backbones", "top_k", "metric", "trials", "fixed", "space")
@@ -92,6 +93,17 @@ def read_sweep_file(path: str | os.PathLike) -> dict:
     for key in ("fixed", "space"):
         if not isinstance(data.get(key) or {}, Mapping):
             raise TransferkitError(f"{key}: in sweep file {path} must be a mapping of finetune key: value")
+    for key, constraint in (("top_k", params.TOPK), ("trials", params.TRIALS), ("metric", params.MONITOR)):
+        if data.get(key) is not None:
+            try:
+                data[key] = constraint.check(key, data[key])
+            except TransferkitError as exc:
+                raise TransferkitError(f"{exc} (in sweep file {path})") from None
+    backbones = data.get("backbones")
+    if isinstance(backbones, str):
+        data["backbones"] = [name.strip() for name in backbones.split(",") if name.strip()]
+    elif backbones is not None and not (isinstance(backbones, list) and all(isinstance(b, str) for b in backbones)):
+        raise TransferkitError(f"backbones: in sweep file {path} must be a list of timm names, got {backbones!r}")
     if "space" in data and not data["space"]:
         raise TransferkitError(f"the space: in sweep file {path} is empty; give at least one key to search, "
                                "or drop space: to compare backbones only")
@@ -104,8 +116,8 @@ def build_space(space: Mapping | None, fixed: Mapping | None = None, *, backbone
     strategies become choice dimensions."""
     fixed = dict(fixed or {})
     for key in fixed:
-        _check_key(key, "fixed")
-    _validate(fixed, "fixed")
+        _check_key(key, "the fixed settings")
+    _validate(fixed, "the fixed settings")
     dimensions = {}
     if backbones:
         dimensions["backbone"] = Dimension("backbone", choices=list(backbones))
@@ -113,6 +125,8 @@ def build_space(space: Mapping | None, fixed: Mapping | None = None, *, backbone
         space = {**(space or {}), "strategy": list(strategies)}
     for key, value in (space or {}).items():
         _check_key(key, "the sweep space")
+        if key in fixed:
+            raise TransferkitError(f"{key!r} is both fixed ({key}={fixed[key]!r}) and searched; drop one of them")
         dimensions[key] = _dimension(key, value, fixed)
     return SearchSpace(dimensions, fixed)
 
@@ -125,7 +139,8 @@ def check_metric(metric: str) -> str:
 
 def _check_key(key: str, where: str) -> None:
     if key not in KEYS:
-        raise TransferkitError(f"unknown finetune key {key!r} in {where}; valid keys: {', '.join(KEYS)}")
+        hint = did_you_mean(key, KEYS) or "; every finetune key is a flag of `transferkit finetune --help`"
+        raise TransferkitError(f"unknown finetune key {key!r} in {where}{hint}")
     if key in NOT_SEARCHED:
         raise TransferkitError(f"{key!r} cannot be set in {where}: the sweep sets it "
                                "(backbones come from --backbones, outputs from --out and the tracking options)")

@@ -33,3 +33,25 @@ def find_model_run(digest: str, tracking_uri: str | None = None):
     runs = client.search_runs(experiments, filter_string=f"tags.{MODEL_DIGEST_TAG} = '{digest}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
+
+
+def best_first_links(store: str, url: str, limit: int) -> list[tuple[str, str]]:
+    """``(experiment name, "best first" link)`` for up to ``limit`` experiments of a store that have runs, most
+    recently active first."""
+    if sqlite_path(store) is not None and not sqlite_path(store).exists():
+        return []  # no store yet: MLflow would create one just to look
+    from mlflow import MlflowClient
+
+    from transferkit.tasks import get_task
+    from transferkit.tracking.summary import BEST_VIEW_TAG, view_link
+
+    client = MlflowClient(store)
+    headline = get_task().headline
+    links = []
+    for experiment in client.search_experiments(order_by=["last_update_time DESC"], max_results=50):
+        if client.search_runs([experiment.experiment_id], max_results=1):
+            links.append((experiment.name, view_link(url, experiment.experiment_id, BEST_VIEW_TAG in experiment.tags,
+                                                     headline)))
+        if len(links) == limit:
+            break
+    return links

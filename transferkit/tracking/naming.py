@@ -20,6 +20,26 @@ def default_run_name(backbone: str, strategy: str) -> str:
     return safe_name(f"{backbone}-{strategy}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def display_run_name(backbone: str, strategy: str, lr, seed: int) -> str:
+    """The MLflow run name of an unnamed finetune: what tells runs of one experiment (one dataset) apart comes
+    first, so a narrow Run Name column still shows it: ``full lr=0.0003 s1 effnet_lite0``. The run folder keeps
+    :func:`default_run_name` (sortable by time); a run named by the user (``--name``, a sweep's trial) keeps it.
+    """
+    rate = lr if isinstance(lr, str) else _short_number(lr)
+    return f"{strategy} lr={rate} s{seed} {short_backbone(backbone)}"
+
+
+def short_backbone(backbone: str) -> str:
+    """``tf_efficientnet_lite0`` → ``effnet_lite0``; ``hf-hub:org/vit_base.augreg`` → ``vit_base``."""
+    name = backbone.rsplit("/", 1)[-1].split(".")[0].removeprefix("hf-hub:")
+    return name.removeprefix("tf_").replace("efficientnet", "effnet")
+
+
+def _short_number(value: float) -> str:
+    mantissa, _, exponent = f"{value:.3g}".partition("e")
+    return f"{mantissa}e{int(exponent)}" if exponent else mantissa
+
+
 def default_experiment_name(dataset_path: str | os.PathLike) -> str:
     """One experiment per dataset, named after its folder, so runs on the same data sit together."""
     return Path(dataset_path).expanduser().resolve().name

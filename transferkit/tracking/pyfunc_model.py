@@ -10,12 +10,14 @@ loads with the same preprocessing code it was trained with. Loading goes through
 Inputs accepted by ``predict``: a DataFrame with an ``image`` column (or ``{"image": [...]}``) of
 encoded image bytes, base64 strings (``data:`` URLs too) or uint8 arrays (HxWx3, HxW or HxWx4).
 Served models receive base64 in JSON (``dataframe_split`` / ``instances``), which MLflow decodes
-to bytes because the signature declares the column binary.
+to bytes because the signature declares the column binary. Those bytes come from whoever can reach the server, so
+they are decoded within fixed pixel bounds (:mod:`transferkit.data.untrusted`), a batch at a time.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import os
 import re
@@ -32,12 +34,14 @@ from mlflow.types.schema import Array
 from PIL import Image
 
 from transferkit.core.fileio import write_json
-from transferkit.data.decode import ImageDecodeError, load_image, to_rgb_array
+from transferkit.data.decode import ImageDecodeError, to_rgb_array
+from transferkit.data.untrusted import decode_untrusted
 from transferkit.errors import TransferkitError
 from transferkit.tasks import task_of
 
 INPUT_COLUMN = "image"
 DEFAULT_TOP_K = 5
+BATCH_SIZE = 32  # images decoded and predicted together
 MODEL_ARTIFACT = "model"  # name of the logged model and of its checkpoint folder under artifacts/
 _BASE64_TEXT = re.compile(rb"(data:[\w/+.-]*;base64,)?[A-Za-z0-9+/=\s]+")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -52,10 +56,13 @@ class TransferkitImageModel(mlflow.pyfunc.PythonModel):
         self.predictor = load_predictor(context.artifacts[MODEL_ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
+        """Decoded and predicted BATCH_SIZE images at a time, so a request of many images never holds them all."""
         top_k = int((params or {}).get("top_k") or DEFAULT_TOP_K)
-        images = [decode_image(value) for value in image_values(model_input)]
-        return predictions_frame(self.predictor.task, self.predictor.predict_proba(images), self.predictor.class_names,
-                                 top_k)
+        values, short_side = image_values(model_input), self.predictor.preprocessing.decode_short_side
+        probs = [self.predictor.predict_proba([decode_image(value, short_side) for value in values[i:i + BATCH_SIZE]])
+                 for i in range(0, len(values), BATCH_SIZE)]
+        probs = np.concatenate(probs) if probs else np.zeros((0, len(self.predictor.class_names)), dtype=np.float32)
+        return predictions_frame(self.predictor.task, probs, self.predictor.class_names, top_k)
 
 
 def image_values(model_input: pd.DataFrame) -> list:
@@ -63,8 +70,9 @@ def image_values(model_input: pd.DataFrame) -> list:
     return list(model_input[INPUT_COLUMN])
 
 
-def decode_image(value) -> np.ndarray:
-    """One input value → HxWx3 uint8 RGB, with the same decoder training used."""
+def decode_image(value, min_short_side: int | None = None) -> np.ndarray:
+    """One input value → HxWx3 uint8 RGB. Bytes come from whoever calls the model, so they are decoded within
+    :mod:`transferkit.data.untrusted`'s pixel bounds (at no less than ``min_short_side``, as training decodes)."""
     if isinstance(value, np.ndarray):
         if value.dtype != np.uint8 or value.ndim not in (2, 3) or (value.ndim == 3 and value.shape[2] not in (1, 3, 4)):
             raise TransferkitError(f"image array must be uint8 HxW, HxWx3 or HxWx4, got {value.dtype} {value.shape}")
@@ -75,11 +83,15 @@ def decode_image(value) -> np.ndarray:
         raise TransferkitError(f"unsupported image value of type {type(value).__name__}; send bytes, base64 or a uint8 array")
     value = bytes(value)
     if _BASE64_TEXT.fullmatch(value):  # base64 that reached us undecoded (``instances`` payloads, plain strings)
-        value = base64.b64decode(value.split(b",", 1)[-1])
+        try:
+            value = base64.b64decode(value.split(b",", 1)[-1])
+        except binascii.Error as exc:
+            raise TransferkitError(f"cannot decode image ({len(value)} bytes): it is text but not valid base64 ({exc}); "
+                                   "send the image's bytes or their base64 encoding") from None
     try:
-        return load_image(io.BytesIO(value))
+        return decode_untrusted(value, min_short_side).image
     except ImageDecodeError as exc:
-        raise TransferkitError(f"cannot decode image ({len(value)} bytes): {exc.__cause__}") from exc
+        raise TransferkitError(f"cannot decode image ({len(value)} bytes): {exc}") from None
 
 
 def predictions_frame(task, probs: np.ndarray, class_names, top_k: int = DEFAULT_TOP_K) -> pd.DataFrame:

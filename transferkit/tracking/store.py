@@ -2,16 +2,21 @@
 
 The default store is MLflow 3's embedded one, ``sqlite:///mlflow.db`` in the working directory with
 artifacts in ``mlruns/`` beside it; ``tracking_uri`` or ``MLFLOW_TRACKING_URI`` point elsewhere (a
-shared server). Commands check the store before any work, so a bad URI fails in seconds, not after training.
+shared server). Commands check the store before any work, so a bad URI fails in seconds, not after training;
+the check also creates a new database store, one process at a time (MLflow's table migrations race when two
+start together). A URL that reaches a message or a log goes through :func:`redact` first: no password in clear.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import socket
 import sys
 import tempfile
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -20,6 +25,23 @@ from transferkit.tracking.naming import clean_key
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACTS_FOLDER = "mlruns"  # beside a local sqlite store, like MLflow's own default
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores (with a +driver)
+STORE_ATTEMPTS = 3
+# user:password@ in a URL's authority, and secrets passed as query parameters (?password=..., &token=...)
+_USERINFO = re.compile(r"(?P<keep>[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^/\s]*@", re.IGNORECASE)
+_QUERY_SECRET = re.compile(r"(?P<keep>[?&;](?:password|passwd|pwd|token|access_token|secret|api_key|apikey)=)[^&;#\s]*",
+                           re.IGNORECASE)
+
+
+def redact(text: str | None) -> str | None:
+    """``text`` (a URL, or a message quoting URLs) with every password and token in a URL replaced by ``***``.
+
+    ``postgresql://user:s3cret@db/optuna`` → ``postgresql://user:***@db/optuna``; the user name stays, so a
+    message still says who connected where. Every URL a message, a log or a param shows passes through here.
+    """
+    if not text:
+        return text
+    return _QUERY_SECRET.sub(r"\g<keep>***", _USERINFO.sub(r"\g<keep>***@", text))
 
 
 @contextlib.contextmanager
@@ -67,7 +89,8 @@ def dashboard_command(backend_store_uri: str | None = None, *, host: str = "127.
     """
     uri = resolve_tracking_uri(backend_store_uri)
     if uri.startswith(("http://", "https://", "databricks")):
-        raise TransferkitError(f"tracking URI {uri} is already a server; open it in a browser instead of `transferkit ui`")
+        raise TransferkitError(f"tracking URI {redact(uri)} is already a server; open it in a browser instead of "
+                               "`transferkit ui`")
     db = sqlite_path(uri)
     artifacts = db.parent / ARTIFACTS_FOLDER if db else Path(ARTIFACTS_FOLDER).resolve()
     argv = [
@@ -98,8 +121,11 @@ def check_tracking_store(tracking_uri: str | None = None) -> str:
         folders, files = [db.parent, db.parent / ARTIFACTS_FOLDER], [db]
     elif parsed.scheme in ("", "file"):
         folders, files = [Path(urllib.parse.unquote(parsed.path)).expanduser()], []
+    elif parsed.scheme.split("+")[0] in DATABASE_SCHEMES:
+        _create_store(uri)
+        return uri
     else:
-        return uri  # another backend (databricks, postgres...): MLflow reports its own errors
+        return uri  # another backend (databricks...): MLflow reports its own errors
     try:
         for folder in folders:
             if folder.exists():
@@ -110,8 +136,10 @@ def check_tracking_store(tracking_uri: str | None = None) -> str:
             if path.exists():
                 os.close(os.open(path, os.O_RDWR))
     except OSError as exc:
-        raise TransferkitError(f"tracking store {uri} is not writable ({exc.strerror or exc}); pass a writable "
-                               "--tracking-uri (or set MLFLOW_TRACKING_URI), or --no-track") from exc
+        raise TransferkitError(f"tracking store {redact(uri)} is not writable ({exc.strerror or exc}); pass a "
+                               "writable --tracking-uri (or set MLFLOW_TRACKING_URI), or --no-track") from exc
+    if db is not None:
+        _create_store(f"sqlite:///{db}")  # the file itself: a relative URI names another file in another folder
     return uri
 
 
@@ -124,20 +152,52 @@ def check_reachable(tracking_uri: str) -> None:
         socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
                                  timeout=5).close()
     except OSError as exc:
-        raise TransferkitError(f"MLflow tracking server {tracking_uri} is unreachable ({exc.strerror or exc}); "
+        raise TransferkitError(f"MLflow tracking server {redact(tracking_uri)} is unreachable ({exc.strerror or exc}); "
                                "start it, fix --tracking-uri / MLFLOW_TRACKING_URI, or pass --no-track") from exc
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:
     """The id of experiment ``name``, created (artifacts beside a local sqlite store) if missing."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(name)
     if found is None:
         db = sqlite_path(tracking_uri)
         location = (db.parent / ARTIFACTS_FOLDER / clean_key(name)).as_uri() if db else None
-        return client.create_experiment(name, artifact_location=location)
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            found = client.get_experiment_by_name(name)  # another process created it between our look and create
+            if found is None:
+                raise
     if found.lifecycle_stage == "deleted":
         raise TransferkitError(f"MLflow experiment {name!r} was deleted; restore it in the UI or pass another --experiment")
     return found.experiment_id
+
+
+@functools.cache
+def _create_store(uri: str) -> None:
+    """Open the database store of ``uri`` once per process, which creates (or migrates) its tables: one process
+    at a time for a sqlite file (a lock beside it), a few tries for a server database another process is
+    setting up. Two sweeps started together on a fresh store otherwise die in MLflow's migrations."""
+    from mlflow import MlflowClient
+
+    db = sqlite_path(uri)
+    if db is not None:
+        from filelock import FileLock
+
+        lock = FileLock(db.parent / f".{db.name}.lock")
+    else:
+        lock = contextlib.nullcontext()
+    for attempt in range(STORE_ATTEMPTS):
+        try:
+            with lock:
+                MlflowClient(uri).search_experiments(max_results=1)
+            return
+        except Exception as exc:  # SQLAlchemy's errors of a half-made schema, or a database that is down
+            if attempt + 1 == STORE_ATTEMPTS:
+                raise TransferkitError(redact(f"cannot open tracking store {uri}: {str(exc).splitlines()[0]}; "
+                                              "check --tracking-uri / MLFLOW_TRACKING_URI, or pass --no-track")) from exc
+            time.sleep(1 + attempt)

@@ -1,11 +1,9 @@
-"""What a reviewer reads first about a run: its evaluation metrics as chartable MLflow keys, and its description.
+"""What a reviewer reads first about a run: its evaluation metrics as MLflow keys, and its description.
 
 Shared by every command that logs a run (finetune, svm, evaluate, sweep), so their runs read alike in the UI.
-Names follow :mod:`transferkit.reports.metrics` (``val_accuracy``, ``test_macro_f1``); per class they are
-``<split>_<stat>/<class key>`` (``val_recall/paved``): the ``/`` groups them into one chart section per
-statistic, and the compare view plots any of them across runs. A class key is the class name made safe for
-every MLflow store and for MLflow's search syntax (see :func:`class_metric_keys`); the mapping from class
-name to key is logged with the metrics as :data:`CLASS_KEYS_ARTIFACT`.
+Names follow :mod:`transferkit.reports.metrics` (``val_accuracy``, ``test_macro_f1``). Only split-level scalars
+are metrics: per-class precision / recall / F1 are one table artifact per split (:func:`per_class_columns`), since
+three metrics per class per split buried the headline in the runs table's column list and the chart grid.
 
 The description (MLflow's ``mlflow.note.content`` tag, shown at the top of the run page) is short markdown:
 a title line, a few facts, the headline metrics, and one line per later evaluation of the run's model.
@@ -13,56 +11,29 @@ a title line, a few facts, the headline metrics, and one line per later evaluati
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Mapping, Sequence
 from numbers import Number
 
 from transferkit.reports.metrics import PER_CLASS_STATS
 
 NOTE_TAG = "mlflow.note.content"
-CLASS_KEYS_ARTIFACT = "class_metric_keys.json"
 EVALUATIONS_HEADING = "**Evaluations**"
-MAX_CLASS_KEY = 100
-_UNSAFE_IN_KEY = re.compile(r"[^\w.\-]+")  # \w: unicode letters and digits, and _
-
-
-def class_metric_keys(class_names: Sequence[str]) -> dict[str, str]:
-    """Class name → its part of a metric key: unique, never empty, no spaces, ``/`` or ``:``.
-
-    Unicode letters and digits, ``.``, ``-`` and ``_`` are kept (``café`` stays ``café``); any run of other
-    characters becomes one ``_`` (``"dirt road"`` → ``dirt_road``). MLflow accepts spaces and ``:`` too, but
-    a key with a space needs backquotes in a search and ``:`` is refused on Windows; ``/`` would nest.
-    A name with nothing left (``"."``, ``"?"``) becomes ``class_<index>``; a clash gets ``_2``, ``_3``.
-    """
-    keys: dict[str, str] = {}
-    used: set[str] = set()
-    for index, name in enumerate(class_names):
-        key = _UNSAFE_IN_KEY.sub("_", unicodedata.normalize("NFC", str(name))).strip("_.")[:MAX_CLASS_KEY]
-        key = key or f"class_{index}"
-        candidate, n = key, 1
-        while candidate in used:
-            n += 1
-            candidate = f"{key}_{n}"
-        used.add(candidate)
-        keys[name] = candidate
-    return keys
 
 
 def evaluation_metrics(scores: Mapping) -> dict[str, float]:
-    """An evaluation (:func:`transferkit.reports.metrics.split_scores` form) → flat MLflow metrics.
-
-    The split-prefixed scalars as they are (``test_accuracy``, ``test_ece``, ``test_n``), and per class
-    ``<split>_precision/<key>``, ``<split>_recall/<key>``, ``<split>_f1/<key>``.
-    """
+    """An evaluation (:func:`transferkit.reports.metrics.split_scores` form) → its split-prefixed scalars as
+    MLflow metrics (``test_accuracy``, ``test_ece``, ``test_n``)."""
     split = scores["split"]
-    flat = {key: float(value) for key, value in scores.items()
+    return {key: float(value) for key, value in scores.items()
             if key.startswith(f"{split}_") and isinstance(value, Number) and not isinstance(value, bool)}
-    per_class = scores.get("per_class") or {}
-    for name, key in class_metric_keys(list(per_class)).items():
-        for stat in PER_CLASS_STATS:
-            flat[f"{split}_{stat}/{key}"] = float(per_class[name][stat])
-    return flat
+
+
+def per_class_columns(per_class: Mapping[str, Mapping]) -> dict[str, list]:
+    """The per-class report as ``mlflow.log_table`` columns: class, precision, recall, f1, support."""
+    names = list(per_class)
+    return {"class": [str(name) for name in names],
+            **{stat: [float(per_class[name][stat]) for name in names] for stat in PER_CLASS_STATS},
+            "support": [int(per_class[name]["support"]) for name in names]}
 
 
 def run_description(title: str, facts: Sequence[str] = (), metrics: Mapping[str, float] | None = None) -> str:
@@ -100,3 +71,60 @@ def _number(value) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
+
+
+# --- the experiment's "best first" view and description (issue 25) ---
+BEST_VIEW_KEY = "transferkit-best"  # the experiment's saved view: ``#/experiments/<id>/runs?viewStateShareKey=<key>``
+BEST_VIEW_TAG = f"mlflow.sharedViewState.{BEST_VIEW_KEY}"  # where MLflow 3's UI keeps a saved view
+TIE_BREAK = "val_loss"  # equal headline scores: the lower val loss ranks first
+# A run's place in its experiment by that rule (1 = best), kept up to date as runs land: MLflow's table sorts by
+# one key only, and sorted by val_accuracy alone it shows a tied, worse run on top.
+RANK_METRIC = "rank_in_experiment"
+VIEW_COLUMNS = (("metrics", RANK_METRIC), ("metrics", "val_accuracy"), ("metrics", "val_macro_f1"), ("metrics", "val_loss"),
+                ("metrics", "test_accuracy"), ("metrics", "best_epoch"), ("tags", "backbone"), ("tags", "strategy"))
+SETTINGS_SHOWN = ("strategy", "lr", "epochs", "batch_size", "img_size", "aug", "seed")
+
+
+def column_key(kind: str, name: str) -> str:
+    """A runs-table column as MLflow's UI names it (``metrics.`val_accuracy```), in a view or a sort."""
+    return f"{kind}.`{name}`"
+
+
+def best_view(headline: str, created_ms: int) -> str:
+    """The saved view (MLflow 3's ``{name, createdAt, state}`` envelope) that opens the runs table with the
+    headline columns shown and the best run first (by :data:`RANK_METRIC`), instead of MLflow's default
+    Source / Models / Dataset columns in start-time order."""
+    import json
+
+    state = {"orderByKey": column_key("metrics", RANK_METRIC), "orderByAsc": True,
+             "selectedColumns": [column_key(kind, name) for kind, name in VIEW_COLUMNS]}
+    return json.dumps({"name": f"Best first (by {headline}, then {TIE_BREAK})", "createdAt": created_ms,
+                       "updatedAt": created_ms, "state": json.dumps(state)})
+
+
+def view_link(ui_url: str, experiment_id: str, has_view: bool, headline: str) -> str:
+    """The experiment's runs table, best first: its saved view, else (a store from before it) a sort link."""
+    base = f"{ui_url}/#/experiments/{experiment_id}/runs"
+    if has_view:
+        return f"{base}?viewStateShareKey={BEST_VIEW_KEY}"
+    return f"{base}?orderByKey=metrics.%60{headline}%60&orderByAsc=false"  # ties in start order
+
+
+def experiment_description(headline: str, best: Mapping, n_runs: int) -> str:
+    """Markdown for the experiment page: which run is best, by what, with which settings.
+
+    ``best``: ``name``, ``run_id``, ``metrics``, ``settings`` (param name → value) and ``backbone``.
+    """
+    metrics = best["metrics"]
+    tie = f", ties broken by lower `{TIE_BREAK}`" if TIE_BREAK != headline else ""
+    scores = ", ".join(f"`{key}` {_number(metrics[key])}" for key in (headline, "val_macro_f1", TIE_BREAK, "test_accuracy")
+                       if key in metrics)
+    settings = ", ".join(f"{key} {best['settings'][key]}" for key in SETTINGS_SHOWN if key in best["settings"])
+    epoch = f"; kept epoch {int(metrics['best_epoch'])}" if "best_epoch" in metrics else ""
+    return (f"**Best run: `{best['name']}`** (`{best['run_id']}`), ranked first of {n_runs} finished runs by "
+            f"`{headline}`{tie}.\n\n"
+            f"- scores: {scores}\n"
+            f"- model: `{best['backbone']}`; {settings}{epoch}\n"
+            f"- [runs table, best first](#/experiments/{best['experiment_id']}/runs?viewStateShareKey={BEST_VIEW_KEY}); "
+            f"[best run](#/experiments/{best['experiment_id']}/runs/{best['run_id']})\n\n"
+            "_Updated by transferkit when a run finishes or is evaluated._\n")

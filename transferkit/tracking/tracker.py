@@ -21,13 +21,14 @@ from transferkit.errors import TransferkitError
 from transferkit.reports.metrics import is_number
 from transferkit.tracking.lookup import MODEL_DIGEST_TAG, model_digest
 from transferkit.tracking.naming import clean_key, default_experiment_name, default_run_name, run_tags
-from transferkit.tracking.store import check_tracking_store, experiment_id, tracking_uri_in_use
+from transferkit.tracking.store import check_tracking_store, experiment_id, redact, tracking_uri_in_use
 from transferkit.version import __version__
 
 LONG_PARAMS_ARTIFACT = "params/long_values.json"
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
 MAX_TAG_VALUE = 8000
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_COMMANDS = ("finetune", "svm")  # the runs that trained a model, ranked in the experiment's description
 
 
 def flatten_params(nested: Mapping, prefix: str = "") -> dict:
@@ -114,6 +115,21 @@ class Tracker:
         mlflow.log_text(text, filename)
 
     @_active
+    def log_table(self, columns: Mapping[str, Sequence], filename: str) -> None:
+        """A table the UI shows as a grid (and compares across runs), replaced if logged again.
+
+        The file and tag ``mlflow.log_table`` writes, without its append: a re-evaluation of a split replaces its
+        table instead of adding a second copy of every row.
+        """
+        import mlflow
+        from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+        mlflow.log_dict({"columns": list(columns), "data": [list(row) for row in zip(*columns.values())]}, filename)
+        logged = json.loads(mlflow.get_run(self.run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+        if {"path": filename, "type": "table"} not in logged:
+            mlflow.set_tag(MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, {"path": filename, "type": "table"}]))
+
+    @_active
     def set_tags(self, tags: Mapping) -> None:
         import mlflow
 
@@ -156,21 +172,20 @@ class Tracker:
                        step: int | None = None) -> None:
         """An evaluation (:func:`transferkit.reports.metrics.split_scores` form: ``val_accuracy``...) on the run.
 
-        Scalars and per-class precision / recall / F1 become metrics (see
-        :func:`transferkit.tracking.summary.evaluation_metrics`; the class-name → key mapping goes to
-        ``class_metric_keys.json``); the whole dict and the per-class report (JSON and a readable table) go
-        to ``<split>/``, with the files of ``artifacts_dir`` (confusion matrix, error gallery, reliability
-        plot) if given. ``step``: the checkpoint's epoch, when the run has epochs.
+        Its scalars become metrics (:func:`transferkit.tracking.summary.evaluation_metrics`); the whole dict goes
+        to ``<split>/metrics.json`` and the per-class report to ``<split>/per_class.json`` (an MLflow table, which
+        the UI shows as a grid and compares across runs) and ``<split>/per_class.txt`` (readable), with the files
+        of ``artifacts_dir`` (confusion matrix, error gallery, reliability plot) if given. ``step``: the
+        checkpoint's epoch, when the run has epochs.
         """
         from transferkit.reports.evaluation_report import per_class_table
-        from transferkit.tracking.summary import CLASS_KEYS_ARTIFACT, class_metric_keys, evaluation_metrics
+        from transferkit.tracking.summary import evaluation_metrics, per_class_columns
 
         split = scores["split"]
         self.log_metrics(evaluation_metrics(scores), step=step)
         self.log_dict(dict(scores), f"{split}/metrics.json")
         if scores.get("per_class"):
-            self.log_dict(class_metric_keys(list(scores["per_class"])), CLASS_KEYS_ARTIFACT)
-            self.log_dict(scores["per_class"], f"{split}/per_class.json")
+            self.log_table(per_class_columns(scores["per_class"]), f"{split}/per_class.json")
             self.log_text(per_class_table(scores), f"{split}/per_class.txt")
         if artifacts_dir is not None:
             self.log_artifact(artifacts_dir, split)
@@ -185,10 +200,61 @@ class Tracker:
     @_active
     def describe(self, title: str, facts: Sequence[str] = (), headline: Mapping[str, float] | None = None) -> None:
         """The run page's description in the one layout every command uses (see
-        :func:`transferkit.tracking.summary.run_description`): a title, facts, the headline metrics."""
+        :func:`transferkit.tracking.summary.run_description`): a title, facts, the headline metrics. Written as
+        a command's run ends, it also refreshes the experiment's (:meth:`describe_experiment`)."""
         from transferkit.tracking.summary import run_description
 
         self.set_description(run_description(title, facts, headline))
+        self.describe_experiment()
+
+    @_active
+    def describe_experiment(self) -> None:
+        """Name the experiment's best finished run (this one counts while still open) in its description, and
+        give each ranked run its place as the metric ``rank_in_experiment`` (the best-first view sorts by it).
+
+        Recomputed from the store each time (a finetune's end, an evaluation of a run's model), so it names the
+        better run whichever process finished last. Runs rank by the headline metric, ties by lower val loss,
+        then the earlier run; only runs that trained a model count (not a sweep's parent, a copy of its winner's
+        scores, nor an evaluation of a model from elsewhere).
+        """
+        import mlflow
+
+        from transferkit.tasks import get_task
+        from transferkit.tracking.summary import NOTE_TAG, RANK_METRIC, TIE_BREAK, experiment_description
+
+        headline = get_task().headline
+        client = mlflow.MlflowClient()
+        experiment = client.get_run(self.run_id).info.experiment_id
+        runs = [run for run in client.search_runs(
+            [experiment], f"metrics.`{headline}` >= 0", max_results=1000,
+            order_by=[f"metrics.`{headline}` DESC", f"metrics.`{TIE_BREAK}` ASC", "attributes.start_time ASC"])
+            if run.data.tags.get("command") in MODEL_COMMANDS
+            and (run.info.status == "FINISHED" or run.info.run_id == self.run_id)]
+        if not runs:
+            return
+        for place, run in enumerate(runs, 1):
+            if run.data.metrics.get(RANK_METRIC) != place:
+                client.log_metric(run.info.run_id, RANK_METRIC, place)
+        best = runs[0]
+        client.set_experiment_tag(experiment, NOTE_TAG, experiment_description(headline, {
+            "name": best.info.run_name, "run_id": best.info.run_id, "experiment_id": experiment,
+            "metrics": best.data.metrics, "settings": best.data.params, "backbone": best.data.tags.get("backbone", "?"),
+        }, len(runs)))
+
+    @_active
+    def end_child_runs(self, run_name: str, status: str, error: str) -> list[str]:
+        """End this run's nested runs named ``run_name`` still RUNNING (left by a killed process) with
+        ``status`` and an ``error`` tag; returns their ids."""
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        experiment = client.get_run(self.run_id).info.experiment_id
+        runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{self.run_id}' and "
+                                                f"attributes.run_name = '{run_name}' and attributes.status = 'RUNNING'")
+        for run in runs:
+            client.set_tag(run.info.run_id, "error", error)
+            client.set_terminated(run.info.run_id, status)
+        return [run.info.run_id for run in runs]
 
     @_active
     def add_evaluation_to_description(self, split: str, line: str) -> None:
@@ -199,6 +265,7 @@ class Tracker:
 
         current = mlflow.get_run(self.run_id).data.tags.get(NOTE_TAG, "")
         self.set_description(with_evaluation(current, split, line))
+        self.describe_experiment()  # its test score is part of the experiment's "best run" lines
 
 
 @contextlib.contextmanager
@@ -244,8 +311,9 @@ def start_run(command: str, *, enabled: bool = True, tracking_uri: str | None = 
     ``run_id`` reopens that existing run instead of starting a new one. Reopened by the command that created
     it (several processes of one sweep share its parent run), it is that command's run as above. Reopened by
     another command (``evaluate`` adding a test score to the run that trained the model), it is visited:
-    its name, experiment, ``command`` tag and params stay, ``tags`` are added, and an exception leaves its
-    status as it was, since the run's own work did not fail.
+    its name, experiment, ``command`` tag and params stay, ``tags`` are added, and its status and end time stay
+    as they were: an exception in the visit is no failure of the run's own work, and its Duration stays the
+    training's.
     """
     if not enabled:
         yield Tracker(None)
@@ -266,36 +334,54 @@ def start_run(command: str, *, enabled: bool = True, tracking_uri: str | None = 
                 log_system_metrics=system_metrics and not visiting,
             )
         except mlflow.exceptions.MlflowException as exc:
-            raise TransferkitError(f"cannot start an MLflow run in {uri}: {str(exc).splitlines()[0]}; "
-                                   "check --tracking-uri / MLFLOW_TRACKING_URI or pass --no-track") from exc
-        with run:
-            _mark_model_training(run.info.experiment_id)
-            tracker = Tracker(run.info.run_id)
-            tracker.set_tags(tags or {})
-            if params:
-                tracker.log_params(params)
-            try:
-                yield tracker
-            except BaseException as exc:
-                if visiting:
-                    mlflow.end_run(owner.info.status)
+            raise TransferkitError(redact(f"cannot start an MLflow run in {uri}: {str(exc).splitlines()[0]}; "
+                                          "check --tracking-uri / MLFLOW_TRACKING_URI or pass --no-track")) from exc
+        try:
+            with run:
+                _prepare_experiment(run.info.experiment_id)
+                tracker = Tracker(run.info.run_id)
+                tracker.set_tags(tags or {})
+                if params:
+                    tracker.log_params(params)
+                try:
+                    yield tracker
+                except BaseException as exc:
+                    if not visiting:
+                        tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"})
+                        if isinstance(exc, KeyboardInterrupt):
+                            mlflow.end_run("KILLED")
                     raise
-                tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"})
-                if isinstance(exc, KeyboardInterrupt):
-                    mlflow.end_run("KILLED")
-                raise
+        finally:
+            if visiting:  # its status and end time as they were: its Duration is its training's, not the visit's
+                mlflow.MlflowClient().set_terminated(run_id, owner.info.status, end_time=owner.info.end_time)
 
 
-def _mark_model_training(experiment: str) -> None:
-    """Tell the MLflow 3 UI this is a model-training experiment (else it may open in its GenAI layout)."""
+def _prepare_experiment(experiment: str) -> None:
+    """Tell the MLflow 3 UI this is a model-training experiment (else it may open in its GenAI layout), and give
+    it the "best first" saved view (:func:`transferkit.tracking.summary.best_view`) that `transferkit ui` links to."""
     from mlflow import MlflowClient
 
+    from transferkit.tasks import get_task
+    from transferkit.tracking.summary import BEST_VIEW_TAG, best_view
+
     client = MlflowClient()
-    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment).tags:
+    tags = client.get_experiment(experiment).tags
+    if EXPERIMENT_KIND_TAG not in tags:
         client.set_experiment_tag(experiment, EXPERIMENT_KIND_TAG, "custom_model_development")
+    if BEST_VIEW_TAG not in tags:
+        client.set_experiment_tag(experiment, BEST_VIEW_TAG, best_view(get_task().headline, int(time.time() * 1000)))
 
 
 def _param_text(value) -> str:
     if isinstance(value, (list, tuple)):
         return json.dumps(list(value), default=str)
     return str(value)
+
+
+def log_metric_on_runs(key: str, values: Mapping[str, float], tracking_uri: str | None = None) -> None:
+    """``key`` logged on each of several finished runs (``{run_id: value}``), e.g. their place in a ranking."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for run_id, value in values.items():
+        client.log_metric(run_id, key, value)

@@ -15,6 +15,7 @@ from pathlib import Path
 from transferkit.train.callbacks import Callback
 
 EPOCH_SERIES_PREFIX = "epoch/"
+UI_URL = "http://127.0.0.1:5000"  # where `transferkit ui` serves the dashboard by default
 
 
 class MLflowCallback(Callback):
@@ -22,16 +23,20 @@ class MLflowCallback(Callback):
         self.recipe = recipe
         self.tracker = None
         self.summary_epoch: int | None = None  # the epoch whose summary metrics this MLflow run holds
+        self.where: list[str] = []  # :meth:`describe`'s lines, made while the run is open
         self._run = contextlib.ExitStack()
 
     def on_run_start(self, run) -> None:
+        from transferkit.tracking.naming import display_run_name
         from transferkit.tracking.tracker import open_run
 
         config = run.config
         self.tracker = self._run.enter_context(open_run(
             "finetune", data=config.data, experiment=config.experiment, tracking_uri=config.tracking_uri,
-            run_name=run.run_dir.name, backbone=config.backbone, strategy=config.strategy,
+            run_name=config.name or display_run_name(config.backbone, config.strategy, config.lr, config.seed),
+            backbone=config.backbone, strategy=config.strategy,
             dataset_fingerprint=run.fingerprint, recipe=self.recipe, params=config.to_dict(), system_metrics=True))
+        self.where = self._where()
         self.tracker.log_dataset(run.index, run.fingerprint, context="training")
         self.tracker.set_description(f"**{self._title(run)}**: training (summary when the run ends)\n")
         self.tracker.log_params({"data_config": run.preprocessing.data_config, "classes": run.index.classes,
@@ -43,12 +48,36 @@ class MLflowCallback(Callback):
             self.tracker.log_artifact(artifact)
 
     def on_best_checkpoint(self, run, row: dict) -> None:
+        if row["epoch"] == 0:  # LP-FT's probe is epoch 0 of every series, as it is a row of metrics.csv
+            self._log_epoch(row)
         self._log_summary(run, row)
 
     def on_epoch_end(self, run, row: dict, improved: bool) -> bool:
+        self._log_epoch(row)
+        return False
+
+    def describe(self, run) -> list[str]:
+        return self.where
+
+    def _where(self) -> list[str]:
+        """Where the run is: its MLflow id, experiment and store, its page in `transferkit ui`, and the
+        experiment's runs table best first."""
+        import mlflow
+
+        from transferkit.tracking.store import redact
+        from transferkit.tracking.summary import BEST_VIEW_KEY
+
+        if self.tracker.run_id is None:
+            return []
+        info = mlflow.get_run(self.tracker.run_id).info
+        experiment = mlflow.get_experiment(info.experiment_id).name
+        return [f"MLflow run {info.run_id} in experiment {experiment!r} ({redact(mlflow.get_tracking_uri())})",
+                f"transferkit ui   then {UI_URL}/#/experiments/{info.experiment_id}/runs/{info.run_id}",
+                f"best runs first: {UI_URL}/#/experiments/{info.experiment_id}/runs?viewStateShareKey={BEST_VIEW_KEY}"]
+
+    def _log_epoch(self, row: dict) -> None:
         self.tracker.log_metrics({EPOCH_SERIES_PREFIX + k: v for k, v in row.items() if k != "epoch"},
                                  step=row["epoch"])
-        return False
 
     def on_run_end(self, run, summary: dict) -> dict:
         config, best = run.config, run.checkpoints.best

@@ -36,6 +36,11 @@ class Callback:
     def on_failure(self, run, error: BaseException) -> None:
         """The run raised ``error`` after :meth:`on_run_start`; it is re-raised once every listener heard it."""
 
+    def describe(self, run) -> list[str]:
+        """Lines for the run's header and footer (where a tracked run can be seen); asked after
+        :meth:`on_run_start` and after :meth:`on_run_end`."""
+        return []
+
 
 class CallbackList:
     """The attached callbacks, called as one."""
@@ -69,3 +74,6 @@ class CallbackList:
     def on_failure(self, run, error: BaseException) -> None:
         for callback in self.callbacks:
             callback.on_failure(run, error)
+
+    def describe(self, run) -> list[str]:
+        return [line for callback in self.callbacks for line in callback.describe(run)]

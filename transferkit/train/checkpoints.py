@@ -30,6 +30,7 @@ class CheckpointSaver:
         self.monitor = monitor
         self.metadata = metadata  # what every checkpoint of the run states (classes, preprocessing, recipe, split...)
         self.history: list[dict] = []
+        self.probe: dict | None = None  # epoch 0, LP-FT's probe: a row of metrics.csv, not an epoch run
         self.best: dict | None = None
         self.best_extra: dict = {}  # metadata of the best checkpoint beyond its epoch row (calibration, weights)
         self.bad_epochs = 0
@@ -47,7 +48,7 @@ class CheckpointSaver:
 
     def propose(self, row: dict, model: nn.Module) -> None:
         """A candidate scored before any epoch (LP-FT's probe, epoch 0): the best until an epoch beats it."""
-        self.best, self.bad_epochs = row, 0
+        self.best, self.probe, self.bad_epochs = row, row, 0
         if distributed.is_main():
             self.save("best", row, model, **self.best_extra)
 
@@ -63,7 +64,7 @@ class CheckpointSaver:
             self._write_metrics()
             resume_state.save_state(self.run_dir, {
                 **training_state, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
+                "history": self.history, "probe": self.probe, "best": self.best, "bad_epochs": self.bad_epochs,
                 "best_extra": self.best_extra, "ema": ema.state_dict() if ema is not None else {},
             })
             run_folder.committed(self.run_dir)
@@ -72,9 +73,15 @@ class CheckpointSaver:
     def restore(self, state: dict) -> None:
         """History, best row and counters of the run being resumed."""
         self.history = list(state["history"])
+        self.probe = state.get("probe")
         self.best = dict(state["best"])
         self.bad_epochs = int(state["bad_epochs"])
         self.best_extra = dict(state.get("best_extra", {}))
+
+    @property
+    def table(self) -> list[dict]:
+        """``metrics.csv``'s rows: the probe (epoch 0) when there is one, then every epoch run."""
+        return [self.probe, *self.history] if self.probe is not None else list(self.history)
 
     def save(self, stem: str, row: dict, model: nn.Module, **extra) -> None:
         """Checkpoint ``stem`` of the epoch ``row`` with the run's metadata and ``extra``."""
@@ -104,6 +111,6 @@ class CheckpointSaver:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows({k: row[k] for k in columns} for row in self.history)
+        writer.writerows({k: row.get(k, "") for k in columns} for row in self.table)  # the probe has val columns only
         with atomic_path(self.run_dir / "metrics.csv") as tmp:
             tmp.write_text(buffer.getvalue())

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from transferkit import choices, params
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, did_you_mean
 from transferkit.params import Interval, Options
 
 # What may differ when a run is resumed: where and how it runs, and how long; never what it learns.
@@ -76,10 +76,10 @@ class TrainConfig:
 
     backbone: str = setting("", "timm model name (see `transferkit backbones`).")
     data: str = setting("", "Image folder (class folders or train/val split folders) or labels CSV.")
-    weights: str | None = setting(None, "Local weights file instead of the hub's.")
+    weights: str | None = setting(None, "Local weights file; unset: $TRANSFERKIT_WEIGHTS_DIR/<backbone>.safetensors, else the hub.")
     weights_config: str | None = setting(None, "JSON stating what a bare weights file needs.")
     pretrained: bool = setting(True, "Start from pretrained weights (false: random init).")
-    img_size: int | None = setting(None, "Input size instead of the backbone's own.", params.IMG_SIZE)
+    img_size: int | None = setting(None, "Input size; unset: the backbone's own.", params.IMG_SIZE)
     val_ratio: float = setting(0.2, "Share of each class held out for validation when the data has no val split.",
                                 params.VAL_RATIO)
     # what trains
@@ -117,7 +117,7 @@ class TrainConfig:
     label_smoothing: float = setting(0.1, "Label smoothing of the training loss.", Interval(float, 0, 1, closed="left"))
     mixup: float = setting(0.0, "Mixup alpha; 0 = off.", Interval(float, 0, None))
     cutmix: float = setting(0.0, "CutMix alpha; 0 = off.", Interval(float, 0, None))
-    grad_clip: float | None = setting(None, "Max gradient norm; unset = no clipping.", Interval(float, 0, None))
+    grad_clip: float | None = setting(None, "Max gradient norm; unset: no clipping.", Interval(float, 0, None))
     balance: str = setting("none", "Class imbalance: none, weights (loss weights) or sampler (balanced batches).",
                              Options(choices.BALANCE))
     ema: bool = setting(False, "Keep an exponential moving average of the weights (timm ModelEmaV3); validation "
@@ -131,9 +131,11 @@ class TrainConfig:
     resize_mode: str | None = setting(None, "How images fit the input: crop, squash or letterbox; unset: the "
                                             "backbone's own (timm's crop_mode: crop for most).", params.RESIZE_MODE)
     cache: str = setting("none", "Keep decoded images between epochs: none, memory or disk.", params.CACHE_MODE)
-    workers: int | None = setting(None, "Data loading processes (default: CPU count - 1, at most 8).", params.WORKERS)
+    workers: int | None = setting(None, "Data loading processes; unset: CPU count - 1, at most 8.", params.WORKERS)
     bad_images: str = setting("error", "An unreadable train/val image: error (stop before training) or skip "
                                        "(train without it, and say how many).", Options(choices.BAD_IMAGES))
+    allow_leakage: bool = setting(False, "Train even though the data check finds the same image in train and in "
+                                         "val/test (every val score is then inflated).")
     # runtime
     device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
     amp: bool = setting(True, "Mixed precision on GPU (bf16 where supported, else fp16).")
@@ -144,10 +146,10 @@ class TrainConfig:
     seed: int = setting(0, "Random seed: same seed, same metrics on CPU.", params.SEED)
     # outputs and tracking
     out: str = setting("runs", "Parent folder of run folders.")
-    name: str | None = setting(None, "Run folder name (default <backbone>-<strategy>-<timestamp>).")
+    name: str | None = setting(None, "Run folder name; unset: <backbone>-<strategy>-<timestamp>.")
     track: bool = setting(True, "Log the run to MLflow.")
-    tracking_uri: str | None = setting(None, "MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
-    experiment: str | None = setting(None, "MLflow experiment name (default: the dataset folder's name).")
+    tracking_uri: str | None = setting(None, "MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.")
+    experiment: str | None = setting(None, "MLflow experiment name; unset: the dataset folder's name.")
     register: str | None = setting(None, "Register the best model in the MLflow model registry under this name.")
 
     def to_dict(self) -> dict:
@@ -261,9 +263,10 @@ def read_recipe(path: str | os.PathLike, kind: str = "recipes") -> dict:
 
 def _check_across_keys(config: TrainConfig) -> None:
     """The rules no single key's constraint can state: each key's own value was checked as it was read."""
-    from transferkit.data.augment import preset_path
+    if config.aug not in choices.AUG_PRESETS:  # a file: albumentations (and torch with it) only then
+        from transferkit.data.augment import preset_path
 
-    preset_path(config.aug)  # a preset name or an existing albumentations file
+        preset_path(config.aug)
     if config.parsed_strategy.name == "freeze-unfreeze" and config.freeze_epochs >= config.epochs:
         _bad("freeze_epochs", config.freeze_epochs,
              f"freeze-unfreeze with {config.freeze_epochs} head-only epochs needs epochs >= {config.freeze_epochs + 1} "
@@ -283,8 +286,23 @@ def _check_run_name(name: str) -> None:
 def _check_keys(values: Mapping, where: str) -> dict:
     unknown = [key for key in values if key not in KEYS]
     if unknown:
-        raise TransferkitError(f"unknown key {unknown[0]!r} in {where}; valid keys: {', '.join(KEYS)}")
+        raise unknown_key(unknown[0], where)
     return dict(values)
+
+
+def unknown_key(key: str, where: str) -> TransferkitError:
+    """A key no config field has: the near-misses (``epoch`` → epochs), not all ~60 keys."""
+    hint = did_you_mean(key, KEYS) or "; every key is a flag of `transferkit finetune --help` (--key-name)"
+    return TransferkitError(f"unknown key {key!r} in {where}{hint}")
+
+
+def given_settings(config: TrainConfig, recipe: str | os.PathLike | None) -> tuple[dict, dict]:
+    """``(recipe keys, overrides)`` behind ``config``: what its recipe set, and what differs from the recipe
+    (the command line's flags and key=value settings), for the run's header."""
+    from_recipe = _check_keys(read_recipe(recipe), f"recipe {recipe}") if recipe is not None else {}
+    base = resolve_config(recipe)
+    overrides = {key: value for key, value in config.to_dict().items() if getattr(base, key) != value}
+    return from_recipe, overrides
 
 
 def _bad(key: str, value, hint: str):

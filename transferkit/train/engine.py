@@ -35,7 +35,7 @@ from transferkit.train import head_phase, loop, preflight, resume_state, run_fol
 from transferkit.train.callbacks import Callback, CallbackList
 from transferkit.train.checkpoints import CheckpointSaver
 from transferkit.train.config import TrainConfig
-from transferkit.train.console import Console, scores_line
+from transferkit.train.console import Console, duration, run_header, scores_line
 from transferkit.train.lr_finder import LRFinding, range_test_run
 from transferkit.train.setup import build_training_data, setup_run
 from transferkit.train.strategies import Phase, phase_at, phases
@@ -49,13 +49,18 @@ class RunResult:
     run_dir: Path
     best_epoch: int
     best: dict  # the metrics.csv row of the best epoch
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # the epochs run (metrics.csv adds LP-FT's epoch 0)
     stopped_early: bool = False
     model_uri: str | None = None  # MLflow model URI when tracked
+    seconds: float = 0.0  # the whole run, setup included
+    next_steps: list[str] = field(default_factory=list)  # the footer's commands and links
 
     def summary(self) -> str:
-        scores = ", ".join(f"{k} {self.best[k]:.4f}" for k in get_task().checkpoint_columns if k in self.best)
-        return f"run {self.run_dir}: best epoch {self.best_epoch}, {scores}"
+        """The footer: how long, which epoch was kept and where, then what to run next."""
+        epochs = f"{len(self.history)} epoch{'s' * (len(self.history) != 1)}" + (" (stopped early)" * self.stopped_early)
+        return "\n".join([f"{epochs} in {duration(self.seconds)}; best epoch {self.best_epoch} "
+                          f"({scores_line(self.best, get_task().checkpoint_columns, ', ')}), saved to {self.run_dir}",
+                          *(["next:", *(f"  {line}" for line in self.next_steps)] if self.next_steps else [])])
 
 
 def find_lr(config: TrainConfig, *, plot: str | os.PathLike | None = None, progress: bool = True) -> LRFinding:
@@ -92,7 +97,7 @@ def finetune(config: TrainConfig, *, resume: str | os.PathLike | None = None, re
         trainer = Trainer(config, device, resume=resume, progress=progress, features=features,
                           allow_data_change=allow_data_change)
         listeners = [*callbacks, *_tracking_callbacks(config, recipe)] if distributed.is_main() else []
-        return trainer.execute(CallbackList(listeners))
+        return trainer.execute(CallbackList(listeners), recipe)
 
 
 def _tracking_callbacks(config: TrainConfig, recipe: str | None) -> list[Callback]:
@@ -108,6 +113,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, device: torch.device, *, resume=None, progress: bool = True,
                  features=None, allow_data_change: bool = False):
+        self.started = time.perf_counter()
         self.config = config
         self.device = device
         self.task = get_task()
@@ -123,6 +129,7 @@ class Trainer:
                                                self.index, self.fingerprint, allow_data_change)
             if change:
                 self.console.say(f"warning: resuming on changed data ({change}), as --allow-data-change asks")
+        self.data_check = self._check_data()
         preflight.check_tracking(config)
         self.run_dir = self._run_dir(resume)
         self.checkpoints = CheckpointSaver(self.run_dir, task=self.task, monitor=config.monitor, metadata=dict(
@@ -133,6 +140,33 @@ class Trainer:
     @property
     def model(self) -> torch.nn.Module:
         return self.setup.model
+
+    def _check_data(self):
+        """`transferkit data check` of the run's data, shown before training; the same image in train and in
+        val/test stops the run unless ``allow_leakage``, since every val score after it would be inflated."""
+        from transferkit.data.check import check_dataset, leaked
+
+        self.console.say(f"checking the data: decoding and hashing {len(self.index.samples)} images "
+                         "(duplicates, leakage, sizes) …")
+        started = time.perf_counter()
+        check = check_dataset(self.index, min_side=min(self.preprocessing.input_hw))
+        found = f"{len(check.errors)} errors, {len(check.warnings)} warnings" if check.errors or check.warnings \
+            else "clean"
+        self.console.say(f"data check: {found} ({duration(time.perf_counter() - started)}; data_check.json in the run)")
+        self.console.block([f"data check: ERROR {line}" for line in check.errors]
+                           + [f"data check: warning {line}" for line in check.warnings])
+        groups = leaked(check)
+        if groups:
+            example = " = ".join(f"{f['split']}/{f['path']}" for f in groups[0]["files"][:2])
+            if not self.config.allow_leakage:
+                raise TransferkitError(
+                    f"{len(groups)} image{' is' if len(groups) == 1 else 's are'} in train and also in val/test "
+                    f"(e.g. {example}), so every val score "
+                    f"would be inflated; remove the copies (`transferkit data check {self.config.data}` lists them) "
+                    "or pass --allow-leakage to train anyway")
+            self.console.say(f"warning: training on {len(groups)} images that are also in val/test "
+                             "(--allow-leakage): val scores are inflated")
+        return check
 
     def _run_dir(self, resume) -> Path:
         if resume is not None:
@@ -157,13 +191,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
 
-    def execute(self, callbacks: CallbackList) -> RunResult:
-        self.callbacks = callbacks
+    def execute(self, callbacks: CallbackList, recipe: str | None = None) -> RunResult:
+        """Train, calibrate, review; ``recipe`` (the file or name the config came from) is named in the header."""
+        self.callbacks, self.recipe = callbacks, recipe
         try:
             if distributed.is_main() and self.state is None:
                 self.config.save(self.run_dir / "config.yaml")
                 self.checkpoints.write_split(self.index.records())
             callbacks.on_run_start(self)
+            self.console.block(run_header(self, recipe=self.recipe, phases=phases(self.config),
+                                          tracking=callbacks.describe(self)))
             stopped_early = self._train()
             if self.config.calibrate:
                 self._calibrate()
@@ -190,6 +227,9 @@ class Trainer:
 
     def _train(self) -> bool:
         config = self.config
+        if config.uses_feature_cache or (config.head_on_features and self.state is None):
+            self.console.say(f"extracting the backbone's features of {len(self.index.split('train'))} train and "
+                             f"{len(self.index.split('val'))} val images once, for the head …")
         self.data, features = build_training_data(
             self.setup, head_features=config.head_on_features and self.state is None,
             features_file=self.features_file, say=self.console.say)
@@ -324,10 +364,14 @@ class Trainer:
         result = RunResult(self.run_dir, best["epoch"], best, checkpoints.history, stopped_early)
         if not distributed.is_main():
             return result
-        training_curves_png(checkpoints.history, self.run_dir / "curves.png")
+        self.console.say(f"writing the review of epoch {best['epoch']}: curves, val report, augmentation preview …")
+        training_curves_png(checkpoints.table, self.run_dir / "curves.png", best_epoch=best["epoch"],
+                            title=f"{self.config.backbone} · {self.config.strategy} on {Path(self.index.root).name}: "
+                                  f"train and val per epoch")
         probabilities = self.task.probabilities(logits, temperature).numpy()
         self.review = write_review(self.run_dir, self.index, labels.numpy(), probabilities, best_epoch=best["epoch"],
-                                   preprocessing=self.preprocessing, aug=self.config.aug, seed=self.config.seed)
+                                   preprocessing=self.preprocessing, aug=self.config.aug, seed=self.config.seed,
+                                   check=self.data_check)
         report = self.review.report
         self.console.say(f"val report of the best epoch ({best['epoch']}): accuracy {report['val_accuracy']:.4f}, "
                          f"macro-F1 {report['val_macro_f1']:.4f}, in {self.review.folder}")
@@ -336,11 +380,25 @@ class Trainer:
                    **{k: best[k] for k in columns},
                    **{k: v for k, v in report.items() if k.startswith("val_") and k not in columns
                       and not isinstance(v, (dict, list))}, "stopped_early": stopped_early}
+        if self.callbacks.describe(self):  # a listener that tracks the run: logging the model takes a while
+            self.console.say("logging the model, metrics and review to the tracking store …")
         tracked = {**dict.fromkeys(TRACKING_RESULT_KEYS), **self.callbacks.on_run_end(self, summary)}
         write_json(self.run_dir / resume_state.COMPLETE_FILE,
                    {**summary, "best": best, **tracked, **checkpoints.best_extra})
         result.model_uri = tracked["model_uri"]
+        result.seconds = time.perf_counter() - self.started
+        result.next_steps = self._next_steps()
         return result
+
+    def _next_steps(self) -> list[str]:
+        """The footer's commands: evaluate on held-out images, predict, and the run in the dashboard."""
+        run, data = self.run_dir, self.config.data
+        held_out = (f"--data {data} --split test" if self.index.split("test")
+                    else f"--data HELD_OUT_IMAGES   # images the run never saw ({data} has no test split)")
+        example = self.index.split("val")[0].path
+        return [f"transferkit evaluate --model {run} {held_out}",
+                f"transferkit predict --model {run} {example}",
+                *self.callbacks.describe(self)]
 
 
 def _fit_head(head: torch.nn.Module, features, setup) -> head_phase.HeadFit:

@@ -37,11 +37,14 @@ def cached_features(model, train_set, val_set, *, config, device, amp: bool, sto
 
 def stored_features(path: Path, identity: dict, index, fingerprint: str, say) -> list[TensorDataset] | None:
     """Train and val vectors from the ``extract`` file ``path`` if it holds exactly what this run computes:
-    the same backbone ``identity`` (weights, preprocessing, pool), data fingerprint and split."""
+    the same backbone ``identity`` (weights, preprocessing, pool), data fingerprint and split. Features of a
+    random init are never reused: the head would train on another model's vectors than the one it is saved with."""
     from transferkit.features.feature_file import feature_identity_mismatch, read_features, read_metadata
 
     metadata = read_metadata(path)
     differ = feature_identity_mismatch(metadata, identity)
+    if identity.get("weights") == "random-init":  # two random inits share the name, never the weights
+        differ.append("weights: a random init's features belong to no other model")
     if metadata["dataset"]["fingerprint"] != fingerprint:
         differ.append("dataset")
     if not differ:

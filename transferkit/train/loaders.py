@@ -44,6 +44,7 @@ class SeededSamples(Dataset):
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset = dataset
         self.seed = seed
+        self.normalize = getattr(dataset, "normalize", None)  # uint8 batches: what the loader normalises with
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -73,7 +74,7 @@ def train_loader(dataset: Dataset, labels: np.ndarray, *, batch_size: int, seed:
 def val_loader(dataset: Dataset, *, batch_size: int, workers: int | None, device: torch.device):
     """This rank's strided share of ``dataset``, in order (see :func:`distributed.shard_indices`)."""
     shard = Subset(dataset, distributed.shard_indices(len(dataset)))
-    return make_loader(shard, batch_size, workers=workers, device=device)
+    return make_loader(shard, batch_size, workers=workers, device=device, normalize=getattr(dataset, "normalize", None))
 
 
 def feature_dataset(features: np.ndarray, labels: np.ndarray) -> TensorDataset:

@@ -2,8 +2,9 @@
 
 ``val/`` is the best checkpoint's evaluation report on the val split it trained with (from the run's own
 validation pass, so it scores the model the way training did), ``augment_preview.png`` shows what the
-augmentation did to train images, ``data_check.json`` is ``transferkit data check`` of the run's data. The
-tracking callback logs them; this module only writes.
+augmentation did to train images, ``data_check.json`` is ``transferkit data check`` of the run's data (made
+before training, where its errors are shown and leakage stops the run). The tracking callback logs them; this
+module only writes.
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ class Review:
 
 
 def write_review(run_dir: Path, index, labels: np.ndarray, probabilities: np.ndarray, *, best_epoch: int,
-                 preprocessing, aug: str, seed: int) -> Review:
-    """Write ``val/``, the augmentation preview and the dataset check of the run in ``run_dir``."""
-    from transferkit.data.check import check_dataset
+                 preprocessing, aug: str, seed: int, check) -> Review:
+    """Write ``val/``, the augmentation preview and the dataset ``check`` (a CheckReport) of the run in ``run_dir``."""
     from transferkit.reports.evaluation_report import score_probabilities
     from transferkit.reports.plots import augmentation_preview_png
 
@@ -36,6 +36,5 @@ def write_review(run_dir: Path, index, labels: np.ndarray, probabilities: np.nda
         [s.path for s in val], labels, probabilities, [""] * len(val), index.classes, split="val", folder=folder,
         info={"model": str(run_dir / "best.safetensors"), "best_epoch": best_epoch})
     preview = augmentation_preview_png(index, aug, preprocessing, run_dir / "augment_preview.png", n=16, seed=seed)
-    check = check_dataset(index, min_side=min(preprocessing.input_hw))
     write_json(run_dir / "data_check.json", check.to_dict())
     return Review(report, folder, [preview, run_dir / "data_check.json"])

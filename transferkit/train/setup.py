@@ -49,6 +49,7 @@ def setup_run(config, device: torch.device, *, task, state: dict | None, say) ->
     """Data and model of ``config`` (or of the resumed run whose resume ``state`` is given), all checked."""
     index = _discover(config, device, say)
     fingerprint = index.fingerprint()  # stats every file: once per run, not per checkpoint
+    say(f"loading {config.backbone} and its weights …")
     model, preprocessing = _load_model(config, index.classes, state)
     preflight.check_strategy(config, model)
     preflight.check_augmentation(config, preprocessing)
@@ -58,6 +59,7 @@ def setup_run(config, device: torch.device, *, task, state: dict | None, say) ->
 
 def _discover(config, device: torch.device, say):
     index = discover(config.data, val_ratio=config.val_ratio, seed=config.seed)
+    say(f"checking the headers of {len(index.split('train')) + len(index.split('val'))} train/val images …")
     skipped = preflight.check_images(index, config.bad_images)
     if skipped:
         say(f"skipped {len(skipped)} unreadable images (bad_images: skip), e.g. {skipped[0]}")
@@ -102,6 +104,8 @@ def build_training_data(setup: RunSetup, *, head_features: bool, features_file: 
     train, val = index.split("train"), index.split("val")
     train_labels = np.array([s.label for s in train])
     cache = build_cache(config.cache, interpolation=preprocessing.interpolation)
+    if cache is not None:  # what the cache will hold, before the first epoch fills it
+        say(cache.describe([s.path for s in train + val], preprocessing.decode_short_side))
     eval_transform = preprocessing.eval_transform()
 
     def images(samples, transform):

@@ -22,6 +22,9 @@ from transferkit.errors import TransferkitError
 
 POOLED_MATCH_TOLERANCE = 1e-4  # relative to the largest |logit|; float32 summation order only
 DENSE_SCALE = 2  # default frame short side: twice the training input size
+# A resized frame's pixels: 2048x2048, 12x a 1080p frame at the default 448 px short side. The backbone's
+# activations on it, not the input tensor, are what this bounds.
+MAX_DENSE_PIXELS = 2048 * 2048
 
 
 @dataclass
@@ -67,8 +70,8 @@ def dense_map(predictor, image: np.ndarray, short_side: int | None = None) -> De
     """The class map of one uint8 RGB frame, resized so its short side is ``short_side`` pixels
     (default: twice the model's input size), aspect ratio kept."""
     preprocessing = predictor.preprocessing
-    short_side = short_side or DENSE_SCALE * min(preprocessing.input_hw)
-    params.DENSE_SHORT_SIDE.check("dense_size", short_side)
+    short_side = dense_short_side(predictor, short_side)
+    check_frame(image.shape[1], image.shape[0], short_side)
     tensor = preprocessing.full_frame_transform(short_side)(image)
     view = preprocessing.denormalize(tensor)  # the pixels the map is computed on
     tensor = tensor.unsqueeze(0)
@@ -78,13 +81,32 @@ def dense_map(predictor, image: np.ndarray, short_side: int | None = None) -> De
     return DenseMap(view, probabilities.cpu().numpy(), list(predictor.class_names))
 
 
+def dense_short_side(predictor, short_side: int | None) -> int:
+    """The frame short side asked for (checked), or the default: DENSE_SCALE x the model's input size."""
+    return params.DENSE_SHORT_SIDE.check("dense_size", short_side or DENSE_SCALE * min(predictor.preprocessing.input_hw))
+
+
+def check_frame(width: int, height: int, short_side: int, name: str = "the frame") -> None:
+    """Refuse a frame that, resized to ``short_side`` as :meth:`full_frame_transform` does, would be over
+    MAX_DENSE_PIXELS: checked before the resized frame (and the backbone's activations on it) is allocated."""
+    scale = short_side / min(width, height)
+    resized = round(width * scale) * round(height * scale)
+    if resized > MAX_DENSE_PIXELS:
+        raise TransferkitError(f"{name} ({width}x{height}) would be {resized:,} pixels with its short side resized to "
+                               f"{short_side}, above the {MAX_DENSE_PIXELS:,}-pixel limit for dense maps; pass a smaller "
+                               "--dense-size or crop the frame")
+
+
 def predict_dense(model_spec, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   short_side: int | None = None, device: str = "auto") -> list[dict]:
     """For each image: ``<stem>.classmap.png`` (class map over the frame) in ``out_dir``; returns rows
     ``{path, map_size, fractions, png}``, also written to ``out_dir/class_fractions.json``."""
+    from PIL import Image
+
     from transferkit.core.fileio import ensure_writable_dir, write_json
     from transferkit.core.runtime import select_device
     from transferkit.data import load_image
+    from transferkit.data.decode import image_size
     from transferkit.models.predictors import ClassifierPredictor, load_predictor
     from transferkit.reports.plots import class_map_png
     from transferkit.use.explain import unique_stems
@@ -94,6 +116,13 @@ def predict_dense(model_spec, inputs: Sequence[str | os.PathLike], out_dir: str 
     predictor = load_predictor(model_spec, select_device(device))
     if not isinstance(predictor, ClassifierPredictor):
         raise TransferkitError(f"dense maps need a finetuned classifier; this model is kind {predictor.metadata.get('kind')!r}")
+    short_side = dense_short_side(predictor, short_side)
+    for path in paths:  # every frame's size from its header, before any output is written
+        try:
+            size = image_size(path)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue  # not readable: load_image says why when its turn comes
+        check_frame(*size, short_side, name=str(path))
     out_dir = ensure_writable_dir(out_dir)
     rows = []
     for path, stem in zip(paths, unique_stems(paths)):

@@ -13,11 +13,15 @@ Metric names carry the split (``test_accuracy``, see :mod:`transferkit.reports.m
 the scores go to the MLflow run that trained the model (found by the checkpoint's digest, wherever the file
 was copied to), so the training run shows its test score in the runs table; a model from elsewhere gets a
 run of its own, tagged with the model it scored.
+
+``out`` is checked before any work: a new or empty folder, or an earlier evaluate report, never a run or
+model folder (whose ``metrics.json`` the report would replace) or a user's folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit import params
-from transferkit.core.fileio import ensure_writable_dir
+from transferkit.core.fileio import check_writable_file, ensure_writable_dir
 from transferkit.errors import TransferkitError
 
 
@@ -50,6 +54,8 @@ def evaluate(model_spec, data, split: str | None = None, tta: str = "none", batc
 
     check_tta(tta)
     params.BATCH_SIZE.check("batch_size", batch_size)  # before the model loads
+    if out is not None:
+        check_report_folder(out)
     if track:  # fail before the work, not after it
         from transferkit.tracking.store import check_tracking_store
 
@@ -57,8 +63,7 @@ def evaluate(model_spec, data, split: str | None = None, tta: str = "none", batc
     index = discover(data, val_ratio=0, strict=False)
     checkpoint = find_checkpoint(model_spec)  # an MLflow URI is downloaded once, here
     predictor = load_predictor(checkpoint, select_device(device))
-    split, samples = _select_split(index, split, predictor.metadata.get("split") or [])
-    y_true = _model_labels(index, samples, predictor.class_names)
+    split, samples, y_true = select_labelled_samples(predictor, index, split)
     with _output_folder(out, track) as folder:
         result = evaluate_samples(predictor, [s.path for s in samples], y_true, split=split, folder=folder,
                                   info={"model": str(model_spec), "data": str(data)}, tta=tta,
@@ -83,6 +88,13 @@ def evaluate_samples(predictor, paths: Sequence, y_true: np.ndarray, *, split: s
     probs, errors = predict_paths(predictor, paths, tta=tta, batch_size=batch_size, workers=workers)
     return score_probabilities(paths, y_true, probs, errors, predictor.class_names, split=split, folder=folder,
                                info=info, tta=tta, topk=topk)
+
+
+def select_labelled_samples(predictor, index, split: str | None) -> tuple[str, list, np.ndarray]:
+    """``(split name, samples, the model's class index of each)`` of the indexed data, chosen as `evaluate`
+    does: a split the model recorded (its val split of a plain folder) is rebuilt from its records."""
+    split, samples = _select_split(index, split, predictor.metadata.get("split") or [])
+    return split, samples, _model_labels(index, samples, predictor.class_names)
 
 
 def _select_split(index, split: str | None, records: Sequence[Mapping]):
@@ -122,6 +134,28 @@ def _model_labels(index, samples, class_names: Sequence[str]) -> np.ndarray:
             f"the data has classes the model does not know: {', '.join(unknown)}; model classes: {', '.join(class_names)}"
         )
     return np.array([model_index[index.classes[s.label]] for s in samples], dtype=np.int64)
+
+
+def check_report_folder(out) -> Path:
+    """Refuse an ``out`` the report could not be written to, or whose files it would replace without having
+    written them: anything but a new or empty folder or an earlier evaluate report."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TransferkitError(f"--out {out} is a file; evaluate writes a folder of report files")
+    if out.is_dir() and any(out.iterdir()) and not _is_evaluate_report(out):
+        raise TransferkitError(f"--out {out} holds files that are not an earlier evaluate report (a run or model "
+                               "folder, or yours); evaluate never replaces them: choose a new or empty folder")
+    check_writable_file(out / "metrics.json", "--out")
+    return out
+
+
+def _is_evaluate_report(folder: Path) -> bool:
+    """Its metrics.json is one evaluate wrote: the model and data it scored, tta, skipped files."""
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(metrics, dict) and {"model", "data", "tta", "skipped"} <= metrics.keys()
 
 
 @contextlib.contextmanager

@@ -39,17 +39,37 @@ def explain(model_spec, images: Sequence[str | os.PathLike], out_dir: str | os.P
     if class_name is not None and class_name not in predictor.class_names:
         raise TransferkitError(f"unknown class {class_name!r}; the model's classes are {', '.join(predictor.class_names)}")
     out_dir = ensure_writable_dir(out_dir)
+    target = None if class_name is None else predictor.class_names.index(class_name)
+    explained = explained_models(predictor)
+    decided = predictor.predict_proba(paths) if predictor.members else None  # the ensemble's own answer
     written = []
-    with ClassActivationMaps(predictor, method, target_layer) as cams:
-        for path, stem in zip(paths, unique_stems(paths)):
-            target = None if class_name is None else predictor.class_names.index(class_name)
-            result = cams(load_image(path), target)
-            pred = int(predictor.task.decide(result.probabilities))
-            title = (f"predicted {predictor.class_names[pred]} ({result.probabilities[pred]:.2f}); "
-                     f"{method} for {predictor.class_names[result.target]} at {cams.layer_name}")
-            out = out_dir / f"{stem}.{safe_name(predictor.class_names[pred])}.{safe_name(method)}.png"
-            written.append(cam_overlay_png(result.view, result.heatmap, out, title))
+    for tag, model in explained:
+        with ClassActivationMaps(model, method, target_layer) as cams:
+            for i, (path, stem) in enumerate(zip(paths, unique_stems(paths))):
+                result = cams(load_image(path), target if target is not None or decided is None
+                              else int(predictor.task.decide(decided[i])))
+                probabilities = result.probabilities if decided is None else decided[i]
+                pred = int(predictor.task.decide(probabilities))
+                title = (f"predicted {predictor.class_names[pred]} ({probabilities[pred]:.2f}); "
+                         f"{method} for {predictor.class_names[result.target]} at {tag}{cams.layer_name}")
+                name = f"{stem}.{safe_name(predictor.class_names[pred])}.{safe_name(method)}"
+                out = out_dir / (f"{name}.{safe_name(tag.rstrip(': '))}.png" if tag else f"{name}.png")
+                written.append(cam_overlay_png(result.view, result.heatmap, out, title))
     return written
+
+
+def explained_models(predictor) -> list[tuple[str, object]]:
+    """``[(tag, classifier)]``: the model itself, or an ensemble's finetuned members, each with its own map
+    (tagged ``member-N: ``), explaining the class the ensemble predicts."""
+    from transferkit.models.predictors import ClassifierPredictor
+
+    if not predictor.members:
+        return [("", predictor)]
+    members = [(f"member-{i}: ", m) for i, m in enumerate(predictor.members) if isinstance(m, ClassifierPredictor)]
+    if not members:
+        raise TransferkitError("none of this ensemble's members is a finetuned classifier; class activation maps "
+                               "need gradients through a network's head")
+    return members
 
 
 @dataclass

@@ -9,7 +9,12 @@ ONNX can also be written in fp16 or int8 (:mod:`transferkit.use.precision`): the
 parity-checked first, then converted, and the converted file is only put in place when its accuracy on
 labelled images is within ``max_drop`` points of fp32 (or ``force`` is set).
 
-ONNX uses torch's ``torch.export``-based exporter (``dynamo=True``, the default since torch 2.9).
+ONNX uses torch's ``torch.export``-based exporter (``dynamo=True``, the default since torch 2.9), which writes
+opset 18 or later; an older ``opset`` comes from torch's TorchScript-based exporter, as the dynamo path would
+silently write 18 instead. The file's opset is checked against the one asked for before it is put in place.
+
+Export never replaces a file it did not write: an existing ``out`` (or its JSON) is refused, unless
+``overwrite`` is set and it is a previous export of the same format (its JSON says so and its hash matches).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 PARITY_TOLERANCE = 1e-3
 GENERATED_CHECK_IMAGES = 4
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter's oldest opset (torch.onnx's TORCHLIB_OPSET); older: TorchScript-based
 
 
 @dataclass
@@ -53,7 +59,8 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
            opset: int | None = None, check_images: Sequence[str | os.PathLike] | None = None,
            precision: str = "fp32", calibration: str | os.PathLike | None = None,
            calibration_images: int = precision_lib.DEFAULT_CALIBRATION_IMAGES, calibration_method: str = "minmax",
-           max_drop: float = precision_lib.DEFAULT_MAX_DROP, force: bool = False) -> ExportedModel:
+           max_drop: float = precision_lib.DEFAULT_MAX_DROP, force: bool = False,
+           overwrite: bool = False) -> ExportedModel:
     """Write the model to ``out`` (default: beside the checkpoint) plus ``<out>.json``; return both.
 
     ``check_images`` (files, folders or globs) are the parity images; without them a few generated
@@ -62,7 +69,7 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
     ``precision`` fp16/int8 (ONNX only) is checked for accuracy on ``check_images`` (one labelled folder),
     by default the run's own validation split; the result is recorded under ``precision_check``. int8 is
     calibrated on ``calibration_images`` images of ``calibration`` (a folder), by default of the run's
-    training split.
+    training split. ``overwrite`` lets a previous export of the same format at ``out`` be replaced (nothing else).
     """
     from transferkit.models.predictors import load_predictor
     from transferkit.models.saved_model import find_checkpoint, read_checkpoint_metadata
@@ -71,13 +78,14 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
     checkpoint = find_checkpoint(model_spec)
     kind = read_checkpoint_metadata(checkpoint).get("kind")
     if kind != "classifier":
-        raise TransferkitError(
-            f"only finetuned classifiers can be exported; {checkpoint} is kind {kind!r}, whose head is a "
-            "scikit-learn model with no ONNX/TorchScript form here (exporting the backbone alone is out of scope); "
-            "use `transferkit predict` or the MLflow model for it"
-        )
-    predictor = load_predictor(checkpoint, "cpu")
+        why = ("its members each have their own graph and preprocessing; export each member"
+               if kind == "ensemble" else "its head is a scikit-learn model with no ONNX/TorchScript form here "
+               "(exporting the backbone alone is out of scope)")
+        raise TransferkitError(f"only finetuned classifiers can be exported; {checkpoint} is kind {kind!r}: {why}; "
+                               "use `transferkit predict` for it")
     out = Path(out) if out is not None else _default_out(model_spec, checkpoint, format, precision)
+    check_out(out, format, overwrite)
+    predictor = load_predictor(checkpoint, "cpu")
     labelled = None if precision == "fp32" else _accuracy_check_images(predictor, check_images)
     calibration_set = None if precision != "int8" else precision_lib.calibration_images(
         predictor.metadata, predictor.class_names, calibration, calibration_images)
@@ -89,10 +97,10 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
         precision_check = calibration_info = report = None
         if format == "onnx":
             fp32_path = tmp if precision == "fp32" else Path(scratch) / "fp32.onnx"
-            _export_onnx(model, batch[:1], fp32_path, dynamic_batch, opset)
+            exporter = _export_onnx(model, batch[:1], fp32_path, dynamic_batch, opset)
             actual = _run_onnx(fp32_path, batch, dynamic_batch)
         else:
-            _export_torchscript(model, batch[:1], tmp)
+            exporter = _export_torchscript(model, batch[:1], tmp)
             actual = _run_torchscript(tmp, batch, dynamic_batch)
         parity = _check_parity(format, expected, actual, "check images" if check_images else "generated images")
         if precision != "fp32":
@@ -104,7 +112,10 @@ def export(model_spec, format: str = "onnx", out: str | os.PathLike | None = Non
             precision_check = {**report.as_dict(), "forced": bool(force and report.drop > max_drop)}
             if report.drop > max_drop and not force:
                 raise PrecisionDropError(report)
-        info = _describe(predictor, checkpoint, tmp, out, format=format, dynamic_batch=dynamic_batch,
+        if opset is not None and _onnx_opset(tmp) != opset:  # the dynamo path silently writes 18 for older ones
+            raise TransferkitError(f"the exporter wrote opset {_onnx_opset(tmp)}, not the requested --opset {opset}; "
+                                   "nothing written")
+        info = _describe(predictor, checkpoint, tmp, out, format=format, exporter=exporter, dynamic_batch=dynamic_batch,
                          precision=precision, parity=parity, precision_check=precision_check,
                          calibration=calibration_info)
         # the JSON first, the model last: a model file present always has its JSON beside it
@@ -117,8 +128,15 @@ def _check_options(format, opset, precision, calibration, calibration_method, ca
     params.EXPORT_FORMAT.check("export format", format)
     if format == "onnx":
         require_extra("onnx", "onnxscript", "onnxruntime")
-    if opset is not None and format != "onnx":
-        raise TransferkitError("--opset applies to --format onnx only")
+    if opset is not None:
+        if format != "onnx":
+            raise TransferkitError("--opset applies to --format onnx only")
+        import onnx.defs
+
+        params.ONNX_OPSET.check("opset", opset)
+        if opset > onnx.defs.onnx_opset_version():
+            raise TransferkitError(f"--opset {opset} is newer than the installed onnx {onnx.__version__} knows; "
+                                   f"use {params.ONNX_OPSET.low} to {onnx.defs.onnx_opset_version()}")
     params.EXPORT_PRECISION.check("precision", precision)
     if precision != "fp32" and format != "onnx":
         raise TransferkitError(f"--precision {precision} applies to --format onnx only")
@@ -141,7 +159,37 @@ def _check_parity(format: str, expected: np.ndarray, actual: np.ndarray, source:
     return parity
 
 
-def _describe(predictor, checkpoint: Path, written: Path, out: Path, *, format: str, dynamic_batch: bool,
+def check_out(out: Path, format: str, overwrite: bool) -> None:
+    """Refuse an ``out`` (or ``<out>.json``) that exists, unless ``overwrite`` and it is a previous ``format``
+    export: its JSON names it, with its format and hash. A checkpoint, its metadata or a user's file never is."""
+    sidecar = sidecar_path(out)
+    if out.is_dir():
+        raise TransferkitError(f"--out {out} is a folder; name the file to write")
+    taken = [path for path in (out, sidecar) if path.exists() or path.is_symlink()]
+    if not taken:
+        return
+    if not overwrite:
+        what = taken[0] if taken[0] == out else f"{sidecar} (the JSON written beside --out {out.name})"
+        raise TransferkitError(f"{what} already exists; export never replaces a file it did not write: choose "
+                               f"another --out (--overwrite replaces a previous {format} export only)")
+    if not _is_previous_export(out, format):
+        raise TransferkitError(f"{out} is not a previous {format} export (no {sidecar.name} of one, with its hash, "
+                               "beside it); --overwrite replaces only those: choose another --out")
+
+
+def _is_previous_export(out: Path, format: str) -> bool:
+    import json
+
+    try:
+        info = json.loads(sidecar_path(out).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(info, dict) or info.get("format") != format or info.get("file") != out.name:
+        return False
+    return not out.exists() or (out.is_file() and info.get("sha256") == sha256_file(out))
+
+
+def _describe(predictor, checkpoint: Path, written: Path, out: Path, *, format: str, exporter: str, dynamic_batch: bool,
               precision: str, parity: dict, precision_check: dict | None, calibration: dict | None) -> dict:
     """The sidecar JSON: everything a runtime needs to feed the model and read its output."""
     return {
@@ -158,7 +206,7 @@ def _describe(predictor, checkpoint: Path, written: Path, out: Path, *, format: 
         "preprocessing": predictor.preprocessing.export_steps(),
         "backbone": predictor.metadata.get("backbone"),
         "source_checkpoint_sha256": sha256_file(checkpoint),
-        "exporter": f"torch {torch.__version__} " + ("torch.onnx.export(dynamo=True)" if format == "onnx" else "torch.jit.trace"),
+        "exporter": f"torch {torch.__version__} {exporter}",
         "opset": _onnx_opset(written) if format == "onnx" else None,
         "dynamic_batch": dynamic_batch,
         "precision": precision,
@@ -230,18 +278,40 @@ def check_batch(predictor, check_images: Sequence | None) -> torch.Tensor:
     return torch.stack([transform(image) for image in images]).float()
 
 
-def _export_onnx(model, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int | None) -> None:
+def _export_onnx(model, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int | None) -> str:
+    """Write the ONNX graph at ``opset`` (None: the exporter's default); returns the exporter used."""
+    legacy = opset is not None and opset < DYNAMO_MIN_OPSET
+    try:
+        if legacy:
+            _export_onnx_torchscript(model, example, path, dynamic_batch, opset)
+        else:
+            _export_onnx_dynamo(model, example, path, dynamic_batch, opset)
+    except Exception as exc:  # exporter failures come in many types; all mean "this model does not export"
+        hint = f"; try a newer --opset ({DYNAMO_MIN_OPSET}+ uses the current exporter)" if legacy else ""
+        raise TransferkitError(f"ONNX export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}){hint}") from exc
+    return f"torch.onnx.export(dynamo={not legacy})"
+
+
+def _export_onnx_dynamo(model, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int | None) -> None:
     kwargs = {"opset_version": opset} if opset is not None else {}
     if dynamic_batch:
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
         example = example.expand(2, *example.shape[1:])  # a batch of 1 would be specialised to a constant
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress steps
-            program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                        dynamo=True, external_data=False, verbose=False, **kwargs)
-        program.save(str(path))
-    except Exception as exc:  # exporter failures come in many types; all mean "this model does not export"
-        raise TransferkitError(f"ONNX export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress steps
+        program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    dynamo=True, external_data=False, verbose=False, **kwargs)
+    program.save(str(path))
+
+
+def _export_onnx_torchscript(model, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int) -> None:
+    """Opsets before 18: the dynamo exporter would write 18 (its version converter fails on these graphs)."""
+    import warnings
+
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # deprecated in favour of dynamo=True, which has no opset below 18
+        torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamo=False, opset_version=opset, dynamic_axes=axes)
 
 
 def _run_onnx(path: Path, batch: torch.Tensor, dynamic_batch: bool) -> np.ndarray:
@@ -252,13 +322,14 @@ def _run_onnx(path: Path, batch: torch.Tensor, dynamic_batch: bool) -> np.ndarra
     return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: c.numpy()})[0] for c in chunks])
 
 
-def _export_torchscript(model, example: torch.Tensor, path: Path) -> None:
+def _export_torchscript(model, example: torch.Tensor, path: Path) -> str:
     import warnings
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; tracing still works
         traced = torch.jit.trace(model, example, check_trace=False)
         torch.jit.save(traced, str(path))
+    return "torch.jit.trace"
 
 
 def _run_torchscript(path: Path, batch: torch.Tensor, dynamic_batch: bool) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from transferkit import params
-from transferkit.core.fileio import ROW_FILE_SUFFIXES, write_rows
+from transferkit.core.fileio import ROW_FILE_SUFFIXES, check_writable_file, write_rows
 from transferkit.data.decode import ImageDecodeError, is_image_file, load_image
 from transferkit.errors import TransferkitError
 
@@ -28,7 +28,8 @@ def predict(model_spec, inputs: Sequence[str | os.PathLike], topk: int = 3, tta:
             workers: int | None = None) -> list[dict]:
     """One row per image: ``path``, ``pred``, ``prob``, ``top1_class``, ``top1_prob`` ... ``topK_*``, ``error``.
 
-    ``out`` (.csv, .json or .parquet) is written atomically; rows are returned either way.
+    ``out`` (.csv, .json or .parquet) is written atomically; rows are returned either way. It replaces only an
+    earlier predictions file (checked before any work), never another file.
     """
     from transferkit.core.runtime import select_device
     from transferkit.models.predictors import load_predictor
@@ -36,8 +37,8 @@ def predict(model_spec, inputs: Sequence[str | os.PathLike], topk: int = 3, tta:
     params.TOPK.check("topk", topk)
     params.BATCH_SIZE.check("batch_size", batch_size)
     check_tta(tta)
-    if out is not None and Path(out).suffix.lower() not in ROW_FILE_SUFFIXES:
-        raise TransferkitError(f"--out {out}: unknown format; end the name with one of {', '.join(ROW_FILE_SUFFIXES)}")
+    if out is not None:
+        check_rows_out(out)
     paths = expand_inputs(inputs)
     predictor = load_predictor(model_spec, select_device(device))
     probs, errors = predict_paths(predictor, paths, tta=tta, batch_size=batch_size, workers=workers)
@@ -45,6 +46,40 @@ def predict(model_spec, inputs: Sequence[str | os.PathLike], topk: int = 3, tta:
     if out is not None:
         write_rows(rows, out)
     return rows
+
+
+def check_rows_out(out) -> Path:
+    """``--out``: a rows file that can be written and replaces nothing but an earlier predictions file."""
+    out = Path(out)
+    if out.suffix.lower() not in ROW_FILE_SUFFIXES:
+        raise TransferkitError(f"--out {out}: unknown format; end the name with one of {', '.join(ROW_FILE_SUFFIXES)}")
+    check_writable_file(out, "--out")
+    if (out.exists() or out.is_symlink()) and not _is_predictions_file(out):
+        raise TransferkitError(f"--out {out} already exists and is not an earlier predictions file; predict never "
+                               "replaces other files: choose another --out")
+    return out
+
+
+def _is_predictions_file(path: Path) -> bool:
+    """Its columns are the rows :func:`prediction_rows` makes: path, pred, prob first, error among them."""
+    import json
+
+    try:
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            import pandas as pd
+
+            columns = list(pd.read_csv(path, nrows=0).columns)
+        elif suffix == ".json":
+            rows = json.loads(path.read_text())
+            columns = list(rows[0]) if isinstance(rows, list) and rows and isinstance(rows[0], dict) else []
+        else:
+            import pyarrow.parquet as pq
+
+            columns = pq.read_schema(path).names
+    except (OSError, ValueError):
+        return False
+    return columns[:3] == ["path", "pred", "prob"] and "error" in columns
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -81,6 +116,12 @@ def predict_paths(predictor, paths: Sequence[str | os.PathLike], tta: str = "non
     from transferkit.data.dataset import make_loader
 
     params.BATCH_SIZE.check("batch_size", batch_size)
+    if predictor.members:  # each member sees the images through its own preprocessing
+        runs = [predict_paths(member, paths, tta, batch_size, workers) for member in predictor.members]
+        errors = [next((e for e in per_path if e), "") for per_path in zip(*(errs for _, errs in runs))]
+        probs = predictor.combine([member_probs for member_probs, _ in runs])
+        probs[[bool(e) for e in errors]] = np.nan
+        return probs, errors
     views = predictor.preprocessing.tta_views(tta)
     dataset = _ViewsDataset(paths, views, views.decode_short_side)
     loader = make_loader(dataset, batch_size, workers=workers, device=predictor.device)
