@@ -46,25 +46,26 @@ Examples:
 """
 
 
-def config_option(spec: dataclasses.Field):
+def config_option(spec: dataclasses.Field, default=None):
     """The flag of one config key, typed by the constraint the key declares, so a flag and a recipe line are
-    refused with the same message."""
+    refused with the same message. ``default``: what the help names as the default, where a command's differs."""
     flag = "--" + spec.name.replace("_", "-")
+    shown = spec.default if default is None else default
     if train_config.value_type(spec.name) is bool:
         return click.option(f"{flag}/--no-{spec.name.replace('_', '-')}", spec.name, default=None,
-                            help=with_default(spec.metadata["help"], spec.default))
+                            help=with_default(spec.metadata["help"], shown))
     return click.option(flag, spec.name, default=None, type=train_config.CONSTRAINTS[spec.name].click_type(),
-                        help=_help(spec))
+                        help=_help(spec, shown))
 
 
-def _help(spec: dataclasses.Field) -> str:
+def _help(spec: dataclasses.Field, shown) -> str:
     """The field's help, its range for a number, and its default."""
     text = spec.metadata["help"]
     if spec.default == "":  # backbone, data
         return f"{text} [required, here or in the --recipe]"
     if train_config.value_type(spec.name) in (int, float):
         text = f"{text} ({train_config.CONSTRAINTS[spec.name].description})"
-    return with_default(text, spec.default)
+    return with_default(text, shown)
 
 
 def finetune_options(**more):

@@ -21,6 +21,7 @@ from transferkit.train.config import TrainConfig
 
 # finetune keys as fixed-setting flags: not those the sweep sets for each trial, nor seed (--seed is the sampler's)
 FIXED_FLAGS = tuple(spec.name for spec in dataclasses.fields(TrainConfig) if spec.name not in (*NOT_SEARCHED, "seed"))
+SWEEP_DEFAULTS = {"monitor": "the sweep's --metric"}  # where a trial's default is not finetune's
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -56,7 +57,8 @@ def _names(text: str | None) -> list[str] | None:
 )
 @tracking_options
 @cloup.option_group("Fixed settings of every trial (finetune's flags; KEY=VALUE works too)",
-                    *(config_option(spec) for spec in dataclasses.fields(TrainConfig) if spec.name in FIXED_FLAGS))
+                    *(config_option(spec, default=SWEEP_DEFAULTS.get(spec.name)) for spec in dataclasses.fields(TrainConfig)
+                      if spec.name in FIXED_FLAGS))
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 def sweep_cmd(data, backbones, strategies, overrides, **options):
     """Find the best model for DATA: rank BACKBONES by a linear probe on frozen features, finetune the top-k
