@@ -151,9 +151,9 @@ def test_default_view_shows_the_headline_columns_best_first(mlflow_server, tmp_p
     }
     ids = {name: _trained_run(store, name, scores, strategy=strategy) for name, (strategy, scores) in runs.items()}
     experiment_id = MlflowClient(store).get_experiment_by_name("roads").experiment_id
-    from transferkit.cli.ui import _best_first_links
+    from transferkit.tracking.lookup import best_first_links
 
-    link = dict(_best_first_links(store, mlflow_server.url))["roads"]  # the server's store holds other tests' too
+    link = dict(best_first_links(store, mlflow_server.url, 50))["roads"]  # the server's store holds other tests' too
 
     dom = _chromium(link, tmp_path / "profile", screenshot=tmp_path / "runs.png")
     headers = _headers(dom)
