@@ -143,7 +143,7 @@ def _captured_figures(monkeypatch):
     from transferkit.reports import plots
 
     figures = []
-    monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig) or out)
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out: figures.append(fig) or out)
     return figures
 
 

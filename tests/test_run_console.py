@@ -82,7 +82,7 @@ def test_curves_draw_epoch_0_and_mark_the_kept_epoch(tmp_path):
     from transferkit.reports import plots
 
     captured = {}
-    real_save = plots._save
+    real_save = plots.save_figure
 
     def keep_figure(fig, out):
         captured["fig"] = fig
@@ -90,11 +90,11 @@ def test_curves_draw_epoch_0_and_mark_the_kept_epoch(tmp_path):
 
     rows = [{"epoch": 0, "val_loss": 0.1, "val_accuracy": 1.0},
             {"epoch": 1, "train_loss": 0.5, "val_loss": 1.4, "val_accuracy": 0.5, "lr": 1e-3}]
-    plots._save = keep_figure
+    plots.save_figure = keep_figure
     try:
         plots.training_curves_png(rows, tmp_path / "curves.png", best_epoch=0, title="tiny · freeze-unfreeze")
     finally:
-        plots._save = real_save
+        plots.save_figure = real_save
     loss = captured["fig"].axes[0]
     val_loss = next(line for line in loss.lines if line.get_label() == "val_loss")
     assert list(val_loss.get_xdata()) == [0, 1]

@@ -83,7 +83,7 @@ def test_fixed_settings_are_checked_like_finetune(env, data, runner, captured, a
 
 
 def test_the_winner_is_marked_and_labels_do_not_overlap():
-    from transferkit.reports.plots import sweep_figure
+    from transferkit.reports.sweep_plot import sweep_figure
 
     points = [{"trial": i, "label": BACKBONES[i % 2], "value": 0.75 if i < 6 else 0.7 + 0.01 * i,
                "minutes": 1 + 0.05 * i, "params_m": 4.7 if i % 2 else 3.5, "winner": i == 3} for i in range(12)]

@@ -41,14 +41,14 @@ def confusion_matrix_png(cm, class_names: Sequence[str], out: str | os.PathLike,
         support = cm.sum(axis=1, keepdims=True)
         cm = np.divide(cm, support, out=np.zeros_like(cm), where=support > 0)
     size = min(4 + 0.45 * len(class_names), 24)
-    fig = _figure(size, size * 0.85)
+    fig = new_figure(size, size * 0.85)
     ax = fig.add_subplot()
     ConfusionMatrixDisplay(cm, display_labels=list(class_names)).plot(
         ax=ax, cmap="Blues", colorbar=True, xticks_rotation="vertical",
         include_values=len(class_names) <= MAX_ANNOTATED_CLASSES, values_format=".2f" if normalize else ".0f",
     )
     ax.set_title(_titled("confusion matrix (row-normalized)" if normalize else "confusion matrix (counts)", subject))
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def reliability_png(y_true, probs, out: str | os.PathLike, subject: str = "") -> Path:
@@ -67,7 +67,7 @@ def reliability_png(y_true, probs, out: str | os.PathLike, subject: str = "") ->
     width = (edges[1] - edges[0]) * 0.8
     used = count > 0
     accuracy, confidence = bins["accuracy"][used], bins["confidence"][used]
-    fig = _figure(5.5, 6.5)
+    fig = new_figure(5.5, 6.5)
     ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.bar(centres[used], accuracy, width=width, color="tab:blue", alpha=0.8)
     over = confidence > accuracy
@@ -87,7 +87,7 @@ def reliability_png(y_true, probs, out: str | os.PathLike, subject: str = "") ->
     for x, n in zip(centres[used], count[used]):
         hist.annotate(str(int(n)), (x, n), ha="center", va="bottom", fontsize=7)
     hist.set(xlim=(0, 1), ylim=(0, max(count.max(), 1) * 1.25), xlabel="confidence (max probability)", ylabel="images")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def error_gallery_png(items: Sequence[Mapping], out: str | os.PathLike, class_names: Sequence[str] | None = None,
@@ -101,17 +101,17 @@ def error_gallery_png(items: Sequence[Mapping], out: str | os.PathLike, class_na
         return class_names[label] if class_names is not None and isinstance(label, (int, np.integer)) else str(label)
 
     if not items:
-        fig = _figure(4, 1.5)
+        fig = new_figure(4, 1.5)
         fig.text(0.5, 0.5, _titled("no misclassified images", subject), ha="center", va="center")
-        return _save(fig, out)
+        return save_figure(fig, out)
     columns = max(1, min(columns, len(items)))
     rows = math.ceil(len(items) / columns)
-    fig = _figure(3 * columns, 3.2 * rows)
+    fig = new_figure(3 * columns, 3.2 * rows)
     for i, item in enumerate(items):
         _thumbnail(fig.add_subplot(rows, columns, i + 1), item["path"],
                    f"{name(item['true'])} → {name(item['pred'])} ({float(item['prob']):.2f})")
     fig.suptitle(_titled("most confident errors (true → predicted)", subject))
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _thumbnail(ax, path, caption: str) -> None:
@@ -137,13 +137,13 @@ def suspect_gallery_png(sections: Mapping[str, Sequence], out: str | os.PathLike
         cells, count = _gallery_cells(entries, columns)
         layout.append((title, cells, count, max((row for row, _, _ in cells), default=-1) + 1))
     heights = [2.7 * rows + 0.4 for *_, rows in layout]
-    fig = _figure(2.4 * columns, sum(heights))
+    fig = new_figure(2.4 * columns, sum(heights))
     for block, (title, cells, count, rows) in zip(fig.subfigures(len(layout), 1, height_ratios=heights)
                                                   if len(layout) > 1 else [fig], layout):
         block.suptitle(f"{title}: {count or 'none'}", fontsize=10, x=0.01, ha="left")
         for row, column, item in cells:
             _thumbnail(block.add_subplot(rows, columns, row * columns + column + 1), item["path"], item["caption"])
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _gallery_cells(entries: Sequence, columns: int) -> tuple[list[tuple[int, int, Mapping]], int]:
@@ -167,7 +167,7 @@ def embedding_map_png(points: np.ndarray, labels: Sequence[int], class_names: Se
                       marks: Mapping[str, Sequence[int]], out: str | os.PathLike) -> Path:
     """2-D projected embeddings ``[N, 2]`` coloured by class; rows listed in ``marks`` get one marker per kind."""
     points, labels = np.asarray(points, dtype=np.float64), np.asarray(labels)
-    fig = _figure(9, 7.5)
+    fig = new_figure(9, 7.5)
     ax = fig.add_subplot()
     cmap = "tab10" if len(class_names) <= 10 else "tab20"
     scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap=cmap, vmin=-0.5,
@@ -188,7 +188,7 @@ def embedding_map_png(points: np.ndarray, labels: Sequence[int], class_names: Se
     if any(len(rows) for rows in marks.values()):
         fig.legend(*ax.get_legend_handles_labels(), title="suspects", loc="outside right lower", fontsize=8)
     ax.set(title=f"embedding map ({len(points)} images, 2-D projection)", xticks=[], yticks=[])
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def training_curves_png(rows: Sequence[Mapping], out: str | os.PathLike, *, best_epoch: int | None = None,
@@ -202,7 +202,7 @@ def training_curves_png(rows: Sequence[Mapping], out: str | os.PathLike, *, best
     from matplotlib.ticker import MaxNLocator
 
     epochs = [_number(row.get("epoch")) for row in rows]
-    fig = _figure(13, 3.8)
+    fig = new_figure(13, 3.8)
     for ax, (panel, keys) in zip(fig.subplots(1, len(CURVE_PANELS)), CURVE_PANELS):
         for key in keys:
             points = [(e, _number(row.get(key))) for e, row in zip(epochs, rows)]
@@ -220,19 +220,19 @@ def training_curves_png(rows: Sequence[Mapping], out: str | os.PathLike, *, best
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def lr_find_png(lrs: Sequence[float], losses: Sequence[float], suggestion: float, out: str | os.PathLike) -> Path:
     """The LR range test: smoothed training loss against LR (log scale), the suggested LR marked."""
-    fig = _figure(6, 4)
+    fig = new_figure(6, 4)
     ax = fig.subplots()
     ax.plot(lrs, losses)
     ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggested lr {suggestion:.2e}")
     ax.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)", title="LR range test")
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def filters_png(weight, out: str | os.PathLike, max_filters: int = 64) -> Path:
@@ -252,13 +252,13 @@ def filters_png(weight, out: str | os.PathLike, max_filters: int = 64) -> Path:
     tiles = np.divide(tiles - low, span, out=np.full_like(tiles, 0.5), where=span > 0)
     columns = math.ceil(math.sqrt(len(tiles)))
     rows = math.ceil(len(tiles) / columns)
-    fig = _figure(columns * 0.9 + 0.5, rows * 0.9 + 0.8)
+    fig = new_figure(columns * 0.9 + 0.5, rows * 0.9 + 0.8)
     for i, tile in enumerate(tiles):
         ax = fig.add_subplot(rows, columns, i + 1)
         ax.imshow(tile, interpolation="nearest")
         ax.axis("off")
     fig.suptitle(f"{len(tiles)} of {weight.shape[0]} first-layer filters, {weight.shape[2]}x{weight.shape[3]}")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def cam_overlay(view: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
@@ -271,87 +271,13 @@ def cam_overlay(view: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
 def cam_overlay_png(view: np.ndarray, heatmap: np.ndarray, out: str | os.PathLike, title: str = "") -> Path:
     """The model's view of an image (uint8 HWC, after the eval resize) beside it with a CAM ``heatmap`` in [0, 1]."""
     overlay = cam_overlay(view, heatmap)
-    fig = _figure(8, 4.4)
+    fig = new_figure(8, 4.4)
     for ax, picture, label in zip(fig.subplots(1, 2), (view, overlay), ("model input", "class activation")):
         ax.imshow(picture)
         ax.set_title(label, fontsize=9)
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    return _save(fig, out)
-
-
-def sweep_png(points: Sequence[Mapping], metric: str, out: str | os.PathLike) -> Path:
-    """A sweep's trials: ``metric`` against the wall time at which each finished, and against model size.
-
-    ``points`` hold ``trial`` (its number), ``label`` (its model), ``value``, ``minutes`` (since the sweep
-    began), ``params_m`` (millions) and ``winner`` (true for the sweep's winner, a red star labelled first).
-    """
-    return _save(sweep_figure(points, metric), out)
-
-
-def sweep_figure(points: Sequence[Mapping], metric: str) -> Figure:
-    """:func:`sweep_png`'s figure. Trials at one spot share a label (``3, 5: resnet50``); every label takes the
-    first free place in its axes around its point, near to far (a leader line when far), so no label covers
-    another or a point."""
-    fig = _figure(11, 4.5)
-    axes = fig.subplots(1, 2, sharey=True)
-    points = sorted(points, key=lambda p: not p.get("winner"))  # the winner's label gets the nearest place
-    for ax, key, label in zip(axes, ("minutes", "params_m"), ("wall time when finished (min)", "parameters (M)")):
-        for winner, style in ((False, {"color": "tab:blue", "label": "trial"}),
-                              (True, {"color": "tab:red", "marker": "*", "s": 220, "zorder": 3, "label": "winner"})):
-            chosen = [p for p in points if bool(p.get("winner")) == winner]
-            if chosen:
-                ax.scatter([p[key] for p in chosen], [p["value"] for p in chosen], **style)
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-        ax.margins(0.12, 0.15)  # room for labels inside the axes
-    axes[0].set_ylabel(f"{metric} (best checkpoint)")
-    axes[0].legend(loc="best", fontsize=8)
-    fig.suptitle(f"sweep: {len(points)} trials")
-    fig.canvas.draw()  # the layout settles once; then labels are placed in its final pixels
-    fig.set_layout_engine("none")
-    for ax, key in zip(axes, ("minutes", "params_m")):
-        spots: dict[tuple, dict[str, list]] = {}
-        for point in points:
-            spots.setdefault((point[key], point["value"]), {}).setdefault(point["label"], []).append(point)
-        _place_labels(ax, [(xy, "; ".join(f"{', '.join(str(p['trial']) for p in same)}: {label}"
-                                          for label, same in models.items()),
-                            any(p.get("winner") for same in models.values() for p in same))
-                           for xy, models in spots.items()])
-    return fig
-
-
-def _place_labels(ax, labels: Sequence[tuple], rings: int = 12) -> None:
-    """Annotate each ``(xy, text, bold)`` at the first offset (rings of 8 directions, 8 to 8 + 12·rings points
-    out) where its box stays in the axes and meets no label or point already there; a far one gets a leader."""
-    renderer = ax.figure.canvas.get_renderer()
-    taken = [_box_around(ax.transData.transform(xy), 5 * ax.figure.dpi / 72) for xy, _, _ in labels]
-    if ax.get_legend() is not None:
-        taken.append(ax.get_legend().get_window_extent(renderer))
-    directions = ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))
-    offsets = [(dx * radius, dy * radius) for radius in (8 + 12 * ring for ring in range(rings)) for dx, dy in directions]
-    for xy, text, bold in labels:
-        for offset in offsets:  # none free within reach: the last, farthest one
-            dx, dy = np.sign(offset)
-            note = ax.annotate(text, xy, xytext=offset, textcoords="offset points", fontsize=7,
-                               fontweight="bold" if bold else "normal", annotation_clip=False,
-                               ha={1: "left", -1: "right"}.get(dx, "center"),
-                               va={1: "bottom", -1: "top"}.get(dy, "center"))
-            box = note.get_window_extent(renderer)
-            inside = ax.bbox.contains(box.x0, box.y0) and ax.bbox.contains(box.x1, box.y1)
-            if (inside and not any(box.overlaps(other) for other in taken)) or offset == offsets[-1]:
-                break
-            note.remove()
-        if max(map(abs, offset)) > offsets[0][0]:
-            ax.annotate("", xy, xytext=offset, textcoords="offset points",
-                        arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6, "shrinkA": 0, "shrinkB": 3})
-        taken.append(box)
-
-
-def _box_around(centre, half: float):
-    from matplotlib.transforms import Bbox
-
-    return Bbox.from_extents(centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half)
+    return save_figure(fig, out)
 
 
 def class_map_png(view: np.ndarray, class_map: np.ndarray, class_names: Sequence[str], fractions: Mapping[str, float],
@@ -363,7 +289,7 @@ def class_map_png(view: np.ndarray, class_map: np.ndarray, class_names: Sequence
 
     colours = colormaps["tab20" if len(class_names) > 10 else "tab10"].resampled(max(len(class_names), 2))
     height, width = view.shape[:2]
-    fig = _figure(min(4 + 6 * width / height, 16), 6)
+    fig = new_figure(min(4 + 6 * width / height, 16), 6)
     ax = fig.add_subplot()
     ax.imshow(view)
     ax.imshow(class_map, cmap=colours, vmin=-0.5, vmax=colours.N - 0.5, alpha=0.45, interpolation="nearest",
@@ -373,7 +299,7 @@ def class_map_png(view: np.ndarray, class_map: np.ndarray, class_names: Sequence
     ax.legend(handles=[Patch(color=colours(i), label=f"{class_names[i]} {fractions[class_names[i]]:.0%}") for i in shown],
               loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9, frameon=False)
     ax.set_title(title, fontsize=10)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def augmentation_preview_png(index_or_path, aug, preprocessing, out: str | os.PathLike, n: int = 16,
@@ -449,13 +375,13 @@ def _titled(text: str, subject: str) -> str:
     return f"{subject}\n{text}" if subject else text
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, out: str | os.PathLike) -> Path:
+def save_figure(fig: Figure, out: str | os.PathLike) -> Path:
     out = Path(out)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

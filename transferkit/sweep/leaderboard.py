@@ -92,7 +92,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 def write_leaderboard(table: pd.DataFrame, ranking: pd.DataFrame, metric: str, folder: Path) -> list[Path]:
     """``leaderboard.csv``, ``leaderboard.md``, ``ranking.csv`` and ``sweep.png`` in ``folder`` (atomically)."""
-    from transferkit.reports.plots import sweep_png
+    from transferkit.reports.sweep_plot import sweep_png
 
     paths = []
     for name, text in (("leaderboard.csv", table.to_csv(index=False)), ("leaderboard.md", markdown(table, metric)),
