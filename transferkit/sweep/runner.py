@@ -382,7 +382,10 @@ class _Sweep:
             for path in write_leaderboard(table, self.ranking, self.metric, self.folder):
                 self.parent.log_artifact(path)
             winner = result.winner
-            if winner is not None and not pending and study.user_attrs.get(WINNER_LOGGED_ATTR) != int(winner["trial"]):
+            # the study's mark, and the parent run's own tag (what the store holds now, whatever Optuna caches)
+            logged = (study.user_attrs.get(WINNER_LOGGED_ATTR) == int(winner["trial"])
+                      or self.parent.tag("winner_trial") == str(int(winner["trial"]))) if winner is not None else True
+            if not pending and not logged:
                 self.parent.log_metrics({key: winner[key] for key in get_task().checkpoint_columns})
                 self.parent.set_tags({"winner_run_id": winner["mlflow_run_id"], "winner_run_dir": winner["run_dir"],
                                       "winner_trial": winner["trial"]})

@@ -136,6 +136,13 @@ class Tracker:
         mlflow.set_tags({clean_key(k): str(v)[:MAX_TAG_VALUE] for k, v in tags.items() if v is not None})
 
     @_active
+    def tag(self, name: str) -> str | None:
+        """The run's tag ``name`` as the store has it now (another process may have set it)."""
+        import mlflow
+
+        return mlflow.MlflowClient().get_run(self.run_id).data.tags.get(clean_key(name))
+
+    @_active
     def log_dataset(self, index, fingerprint: str, context: str = "training") -> None:
         """Record the dataset (a :class:`~transferkit.data.DatasetIndex`) as the run's input.
 
