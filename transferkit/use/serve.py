@@ -178,13 +178,17 @@ def _app(service: ModelService, page: str, limit: int, max_upload_mb: float):
 
 
 async def _read_body(request, limit: int, max_upload_mb: float) -> bytes:
-    """The request's body, refused (413) as soon as it is known to be over ``limit`` bytes; what is left of a
-    moderately oversized body is read away by uvicorn so the client sees the 413, not a reset."""
+    """The request's body, refused (413) when it is over ``limit`` bytes; a moderately oversized body is read away
+    before the answer so the client sees the 413, not a broken pipe or a reset."""
     declared = request.headers.get("content-length")  # h11 has checked that it is a number
     over = f"the upload is over the {max_upload_mb:g} MB limit"
     if declared is not None and int(declared) > limit:
-        raise BadUpload(f"upload of {int(declared) / 2**20:.1f} MB is over the {max_upload_mb:g} MB limit", 413,
-                        close=int(declared) > DRAIN_FACTOR * limit)
+        refusal = BadUpload(f"upload of {int(declared) / 2**20:.1f} MB is over the {max_upload_mb:g} MB limit", 413,
+                            close=int(declared) > DRAIN_FACTOR * limit)
+        if not refusal.close:  # read it away first: a client still sending when the answer comes gets a broken pipe
+            async for _ in request.stream():
+                pass
+        raise refusal
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
